@@ -2,4 +2,15 @@
 //! writes to it, writeback to the backing device, the applicator that
 //! replays logs in order, frontends (NBD), and the control API of `marsd`.
 
+pub mod applicator;
+pub mod control;
 pub mod frontend;
+pub mod log;
+pub mod logger;
+pub mod node;
+pub mod overlay;
+pub mod quota;
+pub mod resource;
+pub mod size;
+pub mod storage;
+mod writeback;

@@ -1,1 +1,165 @@
-fn main() {}
+//! marsd: the daemon that owns the volumes of one host. It parses, wires and
+//! exits; the work is in the library.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use datapath::control::pb::marsd_server::MarsdServer;
+use datapath::control::service::Service;
+use datapath::frontend::nbd;
+use datapath::node::{Node, NodeConfig, SOCKET_FILE};
+use datapath::size::parse_size;
+use datapath::storage::fs::RealStorage;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Time SIGTERM leaves for writeback before exiting (the rest stays in the log).
+const SHUTDOWN_WRITEBACK: Duration = Duration::from_secs(15);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "marsd",
+    version,
+    about = "mars daemon: transaction-logged block volumes of one host"
+)]
+struct Args {
+    /// State root: logfiles, positions and resource metadata live here.
+    #[arg(long, env = "MARS_ROOT", default_value = "/var/lib/mars")]
+    root: PathBuf,
+    /// This node's unique name (remembered in the root; a root keeps its name).
+    #[arg(long)]
+    node: String,
+    /// Replication port for peers, ADDR:PORT.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Serve NBD on ADDR:PORT (no NBD server without it).
+    #[arg(long)]
+    nbd: Option<SocketAddr>,
+    /// Rotate logfiles at this size (K/M/G/T suffixes, powers of 1024).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    logfile_size: u64,
+    /// Log space for all resources of this node [default: 16G or half the
+    /// free space of the root, whichever is smaller].
+    #[arg(long, value_parser = parse_size)]
+    log_quota: Option<u64>,
+    /// Memory for not-yet-written-back data, per resource; writers wait when it is full.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    overlay_limit: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("marsd: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("marsd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let cfg = NodeConfig {
+        root: args.root.clone(),
+        node: args.node.clone(),
+        logfile_size: args.logfile_size,
+        overlay_limit: args.overlay_limit,
+        log_quota: args.log_quota,
+    };
+    let node = Arc::new(
+        tokio::task::spawn_blocking(move || Node::open(cfg, Arc::new(RealStorage))).await??,
+    );
+
+    // The replication port: bound now so that conflicts show at start-up;
+    // the peer protocol comes with replication.
+    let peers = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let peer_task = tokio::spawn(async move {
+        while let Ok((conn, addr)) = peers.accept().await {
+            tracing::debug!(%addr, "peer connection refused: replication is not served yet");
+            drop(conn);
+        }
+    });
+
+    let nbd_task = match args.nbd {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--nbd)"))?;
+            tracing::info!(%addr, "NBD server listening");
+            let table = Arc::clone(&node);
+            Some(tokio::spawn(async move {
+                if let Err(e) = nbd::serve(l, table).await {
+                    tracing::error!(error = %e, "NBD server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    let sock = args.root.join(SOCKET_FILE);
+    // We hold the root's lock, so a socket file left here is stale.
+    if sock.exists() {
+        std::fs::remove_file(&sock)
+            .with_context(|| format!("removing stale {}", sock.display()))?;
+    }
+    let uds = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MarsdServer::new(Service::new(Arc::clone(&node))))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(uds),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    tracing::info!(node = %node.name(), socket = %sock.display(), listen = %args.listen, "marsd ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    // Stop taking I/O first, then write back what fits, then close the API.
+    if let Some(t) = nbd_task {
+        t.abort();
+        let _ = t.await;
+    }
+    peer_task.abort();
+    let deadline = Instant::now() + SHUTDOWN_WRITEBACK;
+    let n = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || n.shutdown(deadline)).await?;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("marsd stopped");
+    Ok(())
+}

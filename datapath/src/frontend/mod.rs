@@ -12,7 +12,9 @@ use bytes::Bytes;
 /// [`IoError::errno`] (NBD replies and, later, ublk completions use the same).
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
-    #[error("request at offset {offset} length {len} goes beyond the end of the device ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} goes beyond the end of the device ({size} bytes)"
+    )]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("request too large: {len} bytes (at most {max})")]
     TooLarge { len: u64, max: u64 },

@@ -1,0 +1,41 @@
+//! The marsd control API: gRPC (tonic) over the unix socket `ROOT/marsd.sock`.
+//! Errors of the layers below are converted to a `Status` here, once.
+
+pub mod client;
+pub mod service;
+
+/// Generated messages and service of `proto/marsd.proto`.
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("mars.v1");
+}
+
+use tonic::{Code, Status};
+
+use crate::frontend::IoError;
+use crate::resource::Error;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotPrimary { .. } | Error::InUse { .. } => Code::FailedPrecondition,
+            Error::Backing { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Code::InvalidArgument
+            }
+            Error::Backing { .. } | Error::Io { .. } => Code::Internal,
+            Error::Log {
+                source: crate::log::Error::Corruption { .. },
+                ..
+            } => Code::DataLoss,
+            Error::Log { .. } | Error::Apply { .. } => Code::Internal,
+            Error::Volume(IoError::NoSpace { .. }) => Code::ResourceExhausted,
+            Error::Volume(IoError::NotPrimary(_)) => Code::FailedPrecondition,
+            Error::Volume(IoError::ShuttingDown(_)) => Code::Unavailable,
+            Error::Volume(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

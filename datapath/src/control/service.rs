@@ -1,0 +1,123 @@
+//! The gRPC service: each call returns once its effect is complete.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, marsd_server::Marsd};
+use crate::node::Node;
+use crate::resource;
+use crate::size::format_size;
+
+pub struct Service {
+    node: Arc<Node>,
+}
+
+impl Service {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    /// Runs blocking node work (role changes write back, deletes touch disks)
+    /// off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Node) -> resource::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let node = Arc::clone(&self.node);
+        tokio::task::spawn_blocking(move || f(&node))
+            .await
+            .map_err(|e| Status::internal(format!("marsd task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+fn reply(message: String) -> Result<Response<pb::Reply>, Status> {
+    Ok(Response::new(pb::Reply { message }))
+}
+
+#[tonic::async_trait]
+impl Marsd for Service {
+    async fn create_resource(
+        &self,
+        req: Request<pb::CreateResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let r = req.into_inner();
+        let (name, size) = (r.name.clone(), r.size);
+        self.blocking(move |n| n.create_resource(&r.name, &PathBuf::from(&r.path), r.size))
+            .await?;
+        reply(format!(
+            "created resource {name} ({}) with this node as primary",
+            format_size(size)
+        ))
+    }
+
+    async fn delete_resource(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        self.blocking(move |n| n.delete_resource(&n2)).await?;
+        reply(format!(
+            "deleted resource {name}; its backing device is kept"
+        ))
+    }
+
+    async fn primary(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        self.blocking(move |n| n.resource(&n2)?.make_primary())
+            .await?;
+        reply(format!("{name} is primary on {}", self.node.name()))
+    }
+
+    async fn secondary(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        self.blocking(move |n| n.resource(&n2)?.make_secondary())
+            .await?;
+        reply(format!("{name} is secondary on {}", self.node.name()))
+    }
+
+    async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::Reply>, Status> {
+        let r = req.into_inner();
+        self.node.resource(&r.name)?.resize(r.size).await?;
+        reply(format!("{} is now {}", r.name, format_size(r.size)))
+    }
+
+    async fn log_rotate(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        self.node.resource(&name)?.log_rotate().await?;
+        reply(format!("{name}: started a new logfile"))
+    }
+
+    async fn log_delete(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        let freed = self
+            .blocking(move |n| n.resource(&n2)?.log_delete())
+            .await?;
+        reply(format!(
+            "{name}: deleted {} of written-back logfiles",
+            format_size(freed)
+        ))
+    }
+
+    async fn view(&self, req: Request<pb::ViewRequest>) -> Result<Response<pb::ViewReply>, Status> {
+        Ok(Response::new(self.node.view(&req.into_inner().name)?))
+    }
+}

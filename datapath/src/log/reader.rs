@@ -1,0 +1,192 @@
+//! Iterating the records of one logfile, and deciding where the valid part
+//! ends: a torn tail (cut off by recovery) or corruption in the middle
+//! (replay stops with an error; garbage is never applied).
+
+use std::sync::Arc;
+
+use super::format::{self, DecodeError, FILE_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC, Record};
+use crate::storage::File;
+
+/// Why iteration stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The file ends exactly after the last valid record.
+    Clean,
+    /// Bytes after the last valid record do not form a record, and no valid
+    /// record follows them: a write torn by a crash (or a file still growing).
+    TornTail { at: u64, what: String },
+    /// A bad record with valid records after it, or a sequence gap: the log
+    /// is damaged and must not be replayed past `at`.
+    Corrupt { at: u64, what: String },
+}
+
+const WINDOW: usize = 1 << 20;
+
+/// Reads records of one logfile in order, starting at a file offset.
+pub struct RecordReader {
+    file: Arc<dyn File>,
+    file_len: u64,
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    buf_off: u64,
+    /// File offset of the next record.
+    pos: u64,
+    expected_seq: Option<u64>,
+    stop: Option<Stop>,
+}
+
+impl RecordReader {
+    /// `offset` must be a record boundary (or the end of the file header);
+    /// `expected_seq`, when known, is the sequence number the next record must carry.
+    pub fn new(
+        file: Arc<dyn File>,
+        offset: u64,
+        expected_seq: Option<u64>,
+    ) -> std::io::Result<Self> {
+        let file_len = file.size()?;
+        Ok(Self {
+            file,
+            file_len,
+            buf: Vec::new(),
+            buf_off: offset,
+            pos: offset,
+            expected_seq,
+            stop: None,
+        })
+    }
+
+    /// File offset just past the last record returned (the valid end so far).
+    pub fn valid_end(&self) -> u64 {
+        self.pos
+    }
+
+    /// The sequence number the next record must carry, if known.
+    pub fn next_seq(&self) -> Option<u64> {
+        self.expected_seq
+    }
+
+    /// Why the reader stopped; `None` while records remain.
+    pub fn stop(&self) -> Option<&Stop> {
+        self.stop.as_ref()
+    }
+
+    /// Makes `buf` hold at least `n` bytes from `pos` (fewer at end of file).
+    fn fill(&mut self, n: usize) -> std::io::Result<&[u8]> {
+        let start = (self.pos - self.buf_off) as usize;
+        if self.buf.len() < start + n {
+            let avail = (self.file_len.saturating_sub(self.pos)) as usize;
+            let want = n.max(WINDOW).min(avail.max(n));
+            self.buf.drain(..start);
+            self.buf_off = self.pos;
+            let have = self.buf.len();
+            if have < want {
+                self.buf.resize(want, 0);
+                let mut got = have;
+                while got < want {
+                    let r = self
+                        .file
+                        .read_at(&mut self.buf[got..], self.pos + got as u64)?;
+                    if r == 0 {
+                        break;
+                    }
+                    got += r;
+                }
+                self.buf.truncate(got);
+            }
+        }
+        let start = (self.pos - self.buf_off) as usize;
+        let end = (start + n).min(self.buf.len());
+        Ok(&self.buf[start..end])
+    }
+
+    /// The next valid record and its file offset, or `None` at the end (see [`Self::stop`]).
+    pub fn next_record(&mut self) -> std::io::Result<Option<(u64, Record)>> {
+        if self.stop.is_some() {
+            return Ok(None);
+        }
+        if self.pos >= self.file_len {
+            self.stop = Some(Stop::Clean);
+            return Ok(None);
+        }
+        let header = self.fill(RECORD_HEADER_LEN)?.to_vec();
+        let need = match format::decode_record_header(&header) {
+            Ok(h) => h.encoded_len() as usize,
+            Err(e) => return self.stop_at(e).map(|_| None),
+        };
+        let bytes = self.fill(need)?;
+        match format::decode_record(bytes) {
+            Ok((rec, used)) => {
+                if let Some(exp) = self.expected_seq
+                    && rec.header.seq != exp
+                {
+                    self.stop = Some(Stop::Corrupt {
+                        at: self.pos,
+                        what: format!(
+                            "sequence gap: expected record {exp}, found {}",
+                            rec.header.seq
+                        ),
+                    });
+                    return Ok(None);
+                }
+                let at = self.pos;
+                self.pos += used as u64;
+                self.expected_seq = Some(rec.header.seq + 1);
+                Ok(Some((at, rec)))
+            }
+            Err(e) => self.stop_at(e).map(|_| None),
+        }
+    }
+
+    fn stop_at(&mut self, e: DecodeError) -> std::io::Result<()> {
+        let at = self.pos;
+        let what = e.to_string();
+        self.stop = Some(if self.valid_record_after(at + 1)? {
+            Stop::Corrupt { at, what }
+        } else {
+            Stop::TornTail { at, what }
+        });
+        Ok(())
+    }
+
+    /// True if any valid record starts after `from`: then the damage at the
+    /// current position is not a torn tail.
+    fn valid_record_after(&self, from: u64) -> std::io::Result<bool> {
+        let magic = RECORD_MAGIC.to_le_bytes();
+        let mut off = from;
+        let mut chunk = vec![0u8; WINDOW + RECORD_HEADER_LEN];
+        while off < self.file_len {
+            let n = self.file.read_at(&mut chunk, off)?;
+            if n < 8 {
+                break;
+            }
+            for i in 0..=n - 8 {
+                if chunk[i..i + 8] == magic {
+                    let cand = off + i as u64;
+                    if self.record_is_valid_at(cand)? {
+                        return Ok(true);
+                    }
+                }
+            }
+            off += (n - 7) as u64;
+        }
+        Ok(false)
+    }
+
+    fn record_is_valid_at(&self, at: u64) -> std::io::Result<bool> {
+        let mut hdr = [0u8; RECORD_HEADER_LEN];
+        let n = self.file.read_at(&mut hdr, at)?;
+        let Ok(h) = format::decode_record_header(&hdr[..n]) else {
+            return Ok(false);
+        };
+        let len = h.encoded_len() as usize;
+        if at + len as u64 > self.file_len {
+            return Ok(false);
+        }
+        let mut rec = vec![0u8; len];
+        self.file.read_exact_or_zero(&mut rec, at)?;
+        Ok(format::decode_record(&rec).is_ok())
+    }
+}
+
+/// Offset of the first record in a logfile.
+pub const FIRST_RECORD: u64 = FILE_HEADER_LEN as u64;

@@ -1,0 +1,824 @@
+//! The primary's logger: accepts writes, appends them as records to the
+//! current logfile, and completes them once write(2) returned (so a crash of
+//! `marsd` never loses a completed write). FLUSH and FUA wait for an
+//! fdatasync of the log; one sync serves every waiter that arrived before it
+//! started (group commit). Completed writes are visible to reads through the
+//! overlay until writeback has put them on the backing device.
+//!
+//! Threads: one logger thread appends (it alone owns the [`Appender`]); one
+//! syncer thread runs fdatasync so that appends go on during a sync; one
+//! writeback thread (see `writeback.rs`). Async callers talk to them through
+//! channels and oneshots.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::frontend::{BlockIo, IoError};
+use crate::log::format::{
+    FILE_HEADER_LEN, FileHeader, MAX_PAYLOAD, RECORD_HEADER_LEN, encode_record,
+};
+use crate::log::{Appender, LogStore, Record, RecordHeader, RecordKind};
+use crate::overlay::Overlay;
+use crate::quota::LogQuota;
+use crate::storage::{File, Storage};
+use crate::writeback;
+
+/// Progress counters of one resource, in log positions. Read by `view`
+/// (and later by `/metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// End of the last record appended to the log.
+    pub appended: AtomicU64,
+    /// End of the last record known durable (fdatasync'd).
+    pub flushed: AtomicU64,
+    /// End of the last record written back and persisted as such.
+    pub written_back: AtomicU64,
+    /// Bytes of record payload held in the overlay.
+    pub overlay_bytes: AtomicU64,
+}
+
+/// Settings of one logger.
+#[derive(Debug, Clone)]
+pub struct LoggerConfig {
+    pub resource: String,
+    pub node: String,
+    pub generation: u64,
+    /// Rotate to a new logfile when the current one would exceed this.
+    pub logfile_size: u64,
+    /// Bytes of not-yet-written-back data held in memory at most.
+    pub overlay_limit: u64,
+    /// Backing device and where its written-back position is persisted.
+    pub backing_path: PathBuf,
+    pub position_path: PathBuf,
+}
+
+pub(crate) enum LogReq {
+    Write {
+        offset: u64,
+        len: u64,
+        /// `None` for zeroes.
+        data: Option<Bytes>,
+        fua: bool,
+        quota: u64,
+        permit: OwnedSemaphorePermit,
+        reply: oneshot::Sender<Result<(), IoError>>,
+    },
+    Resize {
+        size: u64,
+        reply: oneshot::Sender<Result<(), IoError>>,
+    },
+    /// Start a new logfile (from `log-rotate`, or when the quota runs short).
+    Rotate {
+        reply: Option<oneshot::Sender<Result<(), IoError>>>,
+    },
+}
+
+/// A logged record waiting for writeback. Dropping it returns its overlay
+/// budget.
+pub(crate) struct Pending {
+    pub pos: u64,
+    pub record: Record,
+    pub _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Pending {
+    pub fn end(&self) -> u64 {
+        self.pos + self.record.header.encoded_len()
+    }
+}
+
+struct Waiter {
+    target: u64,
+    reply: oneshot::Sender<Result<(), IoError>>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    waiters: Vec<Waiter>,
+    /// Writeback wants the log durable further than it is.
+    wanted: bool,
+    stop: bool,
+}
+
+/// The file being appended to and how far; the syncer reads both together.
+struct Active {
+    file: Arc<dyn File>,
+    appended: u64,
+}
+
+pub(crate) struct WbState {
+    pub queue: VecDeque<Pending>,
+    /// Stop once the queue is empty, or at the deadline.
+    pub stop: Option<Instant>,
+}
+
+/// State shared by the logger's threads and its async callers.
+pub(crate) struct Shared {
+    pub cfg: LoggerConfig,
+    pub storage: Arc<dyn Storage>,
+    pub store: Arc<LogStore>,
+    pub backing: Arc<dyn File>,
+    pub quota: Arc<LogQuota>,
+    pub counters: Arc<Counters>,
+    pub overlay: Mutex<Overlay>,
+    pub size: AtomicU64,
+    budget: Arc<Semaphore>,
+    budget_max: u32,
+    sync: Mutex<SyncState>,
+    sync_cv: Condvar,
+    active: Mutex<Active>,
+    pub wb: Mutex<WbState>,
+    pub wb_cv: Condvar,
+    /// Set after an fdatasync of the log failed: the page cache may have
+    /// dropped completed writes, so nothing more is accepted.
+    failed: AtomicBool,
+    closed: AtomicBool,
+    /// The logger thread has ended: nothing more will be appended.
+    pub log_done: AtomicBool,
+    /// Last writeback error, for `view`.
+    pub wb_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn io_err(&self, source: std::io::Error) -> IoError {
+        if source.raw_os_error() == Some(crate::frontend::libc_errno::ENOSPC) {
+            IoError::NoSpace {
+                resource: self.cfg.resource.clone(),
+                source,
+            }
+        } else {
+            IoError::Io {
+                resource: self.cfg.resource.clone(),
+                source,
+            }
+        }
+    }
+
+    /// Asks the syncer to make the log durable up to what is appended now.
+    pub fn want_sync(&self) {
+        let mut s = self.sync.lock().expect("sync lock");
+        s.wanted = true;
+        self.sync_cv.notify_one();
+    }
+
+    pub fn flushed(&self) -> u64 {
+        self.counters.flushed.load(Ordering::Acquire)
+    }
+}
+
+/// The logger of one primary resource.
+pub struct Logger {
+    shared: Arc<Shared>,
+    tx: Mutex<Option<mpsc::Sender<LogReq>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Where the log stands when a logger starts.
+pub struct StartPoint {
+    /// An appender at the end of the current logfile, or `None` to start a new one.
+    pub appender: Option<Appender>,
+    pub next_file_seq: u64,
+    pub end_pos: u64,
+    pub next_seq: u64,
+    /// Persisted written-back position (everything before it is on the device).
+    pub written_back: u64,
+}
+
+impl Logger {
+    /// Starts the logger threads. The device must already hold everything up
+    /// to `start.end_pos` (recovery replays the log first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        cfg: LoggerConfig,
+        storage: Arc<dyn Storage>,
+        store: Arc<LogStore>,
+        backing: Arc<dyn File>,
+        quota: Arc<LogQuota>,
+        counters: Arc<Counters>,
+        size: u64,
+        start: StartPoint,
+    ) -> Result<Arc<Logger>, IoError> {
+        let io = |e: crate::log::Error| IoError::Io {
+            resource: cfg.resource.clone(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        // A new primary period (or a log without files) starts a new logfile.
+        let (appender, file_seq) = match start.appender {
+            Some(a) => (a, start.next_file_seq - 1),
+            None => {
+                let header = FileHeader {
+                    file_seq: start.next_file_seq,
+                    start_pos: start.end_pos,
+                    first_seq: start.next_seq,
+                    generation: cfg.generation,
+                };
+                (
+                    store.create_file(&cfg.node, header).map_err(io)?,
+                    start.next_file_seq,
+                )
+            }
+        };
+        counters
+            .appended
+            .store(appender.end_pos(), Ordering::Release);
+        counters
+            .flushed
+            .store(appender.end_pos(), Ordering::Release);
+        counters
+            .written_back
+            .store(start.written_back, Ordering::Release);
+        let budget_max = cfg.overlay_limit.clamp(
+            MAX_PAYLOAD as u64 + RECORD_HEADER_LEN as u64,
+            u32::MAX as u64,
+        ) as u32;
+        let shared = Arc::new(Shared {
+            storage,
+            store,
+            backing,
+            quota,
+            counters,
+            overlay: Mutex::new(Overlay::new()),
+            size: AtomicU64::new(size),
+            budget: Arc::new(Semaphore::new(budget_max as usize)),
+            budget_max,
+            sync: Mutex::new(SyncState::default()),
+            sync_cv: Condvar::new(),
+            active: Mutex::new(Active {
+                file: Arc::clone(appender.file()),
+                appended: appender.end_pos(),
+            }),
+            wb: Mutex::new(WbState {
+                queue: VecDeque::new(),
+                stop: None,
+            }),
+            wb_cv: Condvar::new(),
+            failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            log_done: AtomicBool::new(false),
+            wb_error: Mutex::new(None),
+            cfg,
+        });
+        let (tx, rx) = mpsc::channel();
+        let name = shared.cfg.resource.clone();
+        let spawn = |what: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(format!("{what}-{name}"))
+                .spawn(f)
+                .expect("spawn thread")
+        };
+        let threads = vec![
+            {
+                let s = Arc::clone(&shared);
+                spawn("log", Box::new(move || log_loop(s, rx, appender, file_seq)))
+            },
+            {
+                let s = Arc::clone(&shared);
+                spawn("sync", Box::new(move || sync_loop(s)))
+            },
+            {
+                let s = Arc::clone(&shared);
+                spawn("wb", Box::new(move || writeback::run(s)))
+            },
+        ];
+        Ok(Arc::new(Logger {
+            shared,
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    pub fn resource(&self) -> &str {
+        &self.shared.cfg.resource
+    }
+
+    /// Last writeback error, if writeback is currently failing.
+    pub fn writeback_error(&self) -> Option<String> {
+        self.shared.wb_error.lock().expect("wb error lock").clone()
+    }
+
+    fn send(&self, req: LogReq) -> Result<(), IoError> {
+        let tx = self.tx.lock().expect("tx lock");
+        match tx.as_ref() {
+            Some(tx) if !self.shared.closed.load(Ordering::Acquire) => tx
+                .send(req)
+                .map_err(|_| IoError::ShuttingDown(self.resource().into())),
+            _ => Err(IoError::ShuttingDown(self.resource().into())),
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(IoError::Io {
+                resource: self.resource().into(),
+                source: std::io::Error::other(
+                    "an earlier fdatasync of the log failed; restart marsd to recover",
+                ),
+            });
+        }
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(IoError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    async fn submit(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<Bytes>,
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.check(offset, len)?;
+        let payload = data.as_ref().map_or(0, |d| d.len() as u64);
+        let records = len.div_ceil(MAX_PAYLOAD as u64).max(1);
+        let quota = payload + records * RECORD_HEADER_LEN as u64;
+        // Overlay budget: payload bytes plus a little per record, so that
+        // many tiny zero records are bounded too.
+        let cost = (quota.min(self.shared.budget_max as u64)) as u32;
+        let permit = Arc::clone(&self.shared.budget)
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| IoError::ShuttingDown(self.resource().into()))?;
+        let quota32 = quota as u32;
+        if !self.shared.quota.try_reserve(quota32) {
+            tracing::warn!(resource = %self.resource(), bytes = quota, "log quota exhausted: writer waits for writeback and log deletion");
+            self.send(LogReq::Rotate { reply: None })?;
+            self.shared.want_sync();
+            self.shared.quota.reserve(quota32).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.send(LogReq::Write {
+            offset,
+            len,
+            data,
+            fua,
+            quota,
+            permit,
+            reply,
+        }) {
+            self.shared.quota.release(quota);
+            return Err(e);
+        }
+        rx.await
+            .map_err(|_| IoError::ShuttingDown(self.resource().into()))?
+    }
+
+    /// Grows the device: a resize record in the log, durable before it returns.
+    pub async fn resize(&self, size: u64) -> Result<(), IoError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(LogReq::Resize { size, reply })?;
+        rx.await
+            .map_err(|_| IoError::ShuttingDown(self.resource().into()))?
+    }
+
+    /// Starts a new logfile.
+    pub async fn rotate(&self) -> Result<(), IoError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(LogReq::Rotate { reply: Some(reply) })?;
+        rx.await
+            .map_err(|_| IoError::ShuttingDown(self.resource().into()))?
+    }
+
+    /// Stops taking I/O, makes the log durable and writes back what it can
+    /// before `deadline` (everything if `None`). What is not written back
+    /// stays in the log for the next start. Blocking: call from a blocking context.
+    pub fn stop(&self, deadline: Option<Instant>) {
+        self.shared.closed.store(true, Ordering::Release);
+        // Dropping the sender ends the logger thread once its queue is empty.
+        self.tx.lock().expect("tx lock").take();
+        {
+            let mut wb = self.shared.wb.lock().expect("wb lock");
+            wb.stop =
+                Some(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400)));
+            self.shared.wb_cv.notify_all();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Records that are logged but not yet written back.
+    pub fn backlog(&self) -> usize {
+        self.shared.wb.lock().expect("wb lock").queue.len()
+    }
+}
+
+impl BlockIo for Logger {
+    fn size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.check(offset, len as u64)?;
+        let hits = self
+            .shared
+            .overlay
+            .lock()
+            .expect("overlay lock")
+            .lookup(offset, len as u64);
+        let mut buf = vec![0u8; len as usize];
+        let covered: u64 = hits.iter().map(|h| h.len).sum();
+        if covered < len as u64 {
+            let backing = Arc::clone(&self.shared.backing);
+            let shared = Arc::clone(&self.shared);
+            buf = tokio::task::spawn_blocking(move || {
+                backing
+                    .read_exact_or_zero(&mut buf, offset)
+                    .map(|_| buf)
+                    .map_err(|e| shared.io_err(e))
+            })
+            .await
+            .map_err(|_| IoError::ShuttingDown(self.resource().into()))??;
+        }
+        for h in hits {
+            let r = (h.offset - offset) as usize..(h.offset - offset + h.len) as usize;
+            match h.data {
+                Some(d) => buf[r].copy_from_slice(&d),
+                None => buf[r].fill(0),
+            }
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        self.submit(offset, len, Some(data), fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        self.submit(offset, len, None, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        let target = self.shared.active.lock().expect("active lock").appended;
+        if target <= self.shared.flushed() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut s = self.shared.sync.lock().expect("sync lock");
+            s.waiters.push(Waiter { target, reply });
+            self.shared.sync_cv.notify_one();
+        }
+        rx.await
+            .map_err(|_| IoError::ShuttingDown(self.resource().into()))?
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A write being turned into records.
+struct Staged {
+    records: Vec<(u64, Record)>,
+    fua: bool,
+    quota: u64,
+    permit: OwnedSemaphorePermit,
+    reply: oneshot::Sender<Result<(), IoError>>,
+}
+
+fn log_loop(
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<LogReq>,
+    mut appender: Appender,
+    mut file_seq: u64,
+) {
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut writes: Vec<Staged> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut reqs = vec![first];
+        while reqs.len() < 512 {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        for req in reqs {
+            match req {
+                LogReq::Write {
+                    offset,
+                    len,
+                    data,
+                    fua,
+                    quota,
+                    permit,
+                    reply,
+                } => {
+                    let records = split_write(&shared, RecordKind::Write, offset, len, data);
+                    writes.push(Staged {
+                        records,
+                        fua,
+                        quota,
+                        permit,
+                        reply,
+                    });
+                }
+                LogReq::Resize { size, reply } => {
+                    // Holds no data, so it borrows no overlay budget.
+                    let permit = Arc::new(Semaphore::new(1))
+                        .try_acquire_owned()
+                        .expect("fresh semaphore has a permit");
+                    let records = split_write(&shared, RecordKind::Resize, size, 0, None);
+                    writes.push(Staged {
+                        records,
+                        fua: true,
+                        quota: 0,
+                        permit,
+                        reply,
+                    });
+                }
+                LogReq::Rotate { reply } => {
+                    commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
+                    let res = if appender.file_bytes() > FILE_HEADER_LEN as u64 {
+                        rotate(&shared, &mut appender, &mut file_seq)
+                    } else {
+                        Ok(())
+                    };
+                    if let Some(r) = reply {
+                        let _ = r.send(res);
+                    }
+                }
+            }
+        }
+        commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
+    }
+    // Closing: make everything appended durable for writeback.
+    match appender.sync() {
+        Ok(()) => {
+            shared
+                .counters
+                .flushed
+                .fetch_max(appender.end_pos(), Ordering::AcqRel);
+        }
+        Err(e) => {
+            tracing::error!(resource = %shared.cfg.resource, error = %e, "final sync of the log failed")
+        }
+    }
+    shared.log_done.store(true, Ordering::Release);
+    let mut s = shared.sync.lock().expect("sync lock");
+    s.stop = true;
+    shared.sync_cv.notify_all();
+    drop(s);
+    shared.wb_cv.notify_all();
+}
+
+/// Turns a request into records of at most `MAX_PAYLOAD` bytes (sequence
+/// numbers and positions are assigned at commit). For a resize, `offset` is
+/// the new size.
+fn split_write(
+    shared: &Shared,
+    kind: RecordKind,
+    offset: u64,
+    len: u64,
+    data: Option<Bytes>,
+) -> Vec<(u64, Record)> {
+    let ts = now_ns();
+    let header = |kind, offset, length, payload_len| RecordHeader {
+        kind,
+        volume: 0,
+        seq: 0,
+        generation: shared.cfg.generation,
+        offset,
+        length,
+        timestamp_ns: ts,
+        payload_len,
+    };
+    if kind == RecordKind::Resize {
+        return vec![(
+            0,
+            Record {
+                header: header(kind, offset, 0, 0),
+                payload: Bytes::new(),
+            },
+        )];
+    }
+    let mut out = Vec::new();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(MAX_PAYLOAD as u64);
+        let (kind, payload) = match &data {
+            Some(d) => (
+                RecordKind::Write,
+                d.slice(done as usize..(done + n) as usize),
+            ),
+            None => (RecordKind::Zero, Bytes::new()),
+        };
+        out.push((
+            0,
+            Record {
+                header: header(kind, offset + done, n, payload.len() as u32),
+                payload,
+            },
+        ));
+        done += n;
+    }
+    out
+}
+
+fn fail_all(shared: &Shared, writes: &mut Vec<Staged>, err: impl Fn() -> IoError) {
+    for w in writes.drain(..) {
+        shared.quota.release(w.quota);
+        let _ = w.reply.send(Err(err()));
+    }
+}
+
+/// Appends the staged writes as one batch and completes them.
+fn commit(
+    shared: &Shared,
+    appender: &mut Appender,
+    file_seq: &mut u64,
+    buf: &mut Vec<u8>,
+    writes: &mut Vec<Staged>,
+) {
+    if writes.is_empty() {
+        return;
+    }
+    let batch_bytes: u64 = writes
+        .iter()
+        .flat_map(|w| &w.records)
+        .map(|(_, r)| r.header.encoded_len())
+        .sum();
+    if appender.file_bytes() > FILE_HEADER_LEN as u64
+        && appender.file_bytes() + batch_bytes > shared.cfg.logfile_size
+        && let Err(e) = rotate(shared, appender, file_seq)
+    {
+        let msg = e.to_string();
+        fail_all(shared, writes, || IoError::Io {
+            resource: shared.cfg.resource.clone(),
+            source: std::io::Error::other(msg.clone()),
+        });
+        return;
+    }
+    buf.clear();
+    let mut pos = appender.end_pos();
+    let mut seq = appender.next_seq();
+    let mut count = 0;
+    for w in writes.iter_mut() {
+        for (p, rec) in w.records.iter_mut() {
+            rec.header.seq = seq;
+            *p = pos;
+            encode_record(&rec.header, &rec.payload, buf);
+            pos += rec.header.encoded_len();
+            seq += 1;
+            count += 1;
+        }
+    }
+    if let Err(e) = appender.append(buf, count) {
+        tracing::error!(resource = %shared.cfg.resource, error = %e, "appending to the log failed");
+        fail_all(shared, writes, || {
+            shared.io_err(std::io::Error::new(e.kind(), e.to_string()))
+        });
+        return;
+    }
+    let end = appender.end_pos();
+    {
+        let mut overlay = shared.overlay.lock().expect("overlay lock");
+        for (p, rec) in writes.iter().flat_map(|w| &w.records) {
+            let h = &rec.header;
+            match h.kind {
+                // The device grows once the record is in the log.
+                RecordKind::Resize => {
+                    shared.size.fetch_max(h.offset, Ordering::AcqRel);
+                }
+                RecordKind::Write => {
+                    overlay.insert(h.offset, h.length, *p, Some(rec.payload.clone()))
+                }
+                RecordKind::Zero => overlay.insert(h.offset, h.length, *p, None),
+            }
+            shared
+                .counters
+                .overlay_bytes
+                .fetch_add(h.payload_len as u64, Ordering::Relaxed);
+        }
+    }
+    shared.active.lock().expect("active lock").appended = end;
+    shared.counters.appended.store(end, Ordering::Release);
+    shared
+        .store
+        .note_append(appender.start_pos(), end, appender.next_seq());
+    let mut durable_waiters = Vec::new();
+    {
+        let mut wb = shared.wb.lock().expect("wb lock");
+        for w in writes.drain(..) {
+            let last_end = w
+                .records
+                .last()
+                .map(|(p, r)| p + r.header.encoded_len())
+                .unwrap_or(end);
+            let n = w.records.len();
+            let mut permit = Some(w.permit);
+            for (i, (p, record)) in w.records.into_iter().enumerate() {
+                // The budget returns when the write's last record is written back.
+                let permit = if i + 1 == n { permit.take() } else { None };
+                wb.queue.push_back(Pending {
+                    pos: p,
+                    record,
+                    _permit: permit,
+                });
+            }
+            if w.fua {
+                durable_waiters.push(Waiter {
+                    target: last_end,
+                    reply: w.reply,
+                });
+            } else {
+                let _ = w.reply.send(Ok(()));
+            }
+        }
+        shared.wb_cv.notify_all();
+    }
+    if !durable_waiters.is_empty() {
+        let mut s = shared.sync.lock().expect("sync lock");
+        s.waiters.extend(durable_waiters);
+        shared.sync_cv.notify_one();
+    }
+}
+
+/// Makes the current logfile durable and starts the next one.
+fn rotate(shared: &Shared, appender: &mut Appender, file_seq: &mut u64) -> Result<(), IoError> {
+    appender.sync().map_err(|e| shared.io_err(e))?;
+    shared
+        .counters
+        .flushed
+        .fetch_max(appender.end_pos(), Ordering::AcqRel);
+    let header = FileHeader {
+        file_seq: *file_seq + 1,
+        start_pos: appender.end_pos(),
+        first_seq: appender.next_seq(),
+        generation: shared.cfg.generation,
+    };
+    let next = shared
+        .store
+        .create_file(&shared.cfg.node, header)
+        .map_err(|e| IoError::Io {
+            resource: shared.cfg.resource.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    *appender = next;
+    *file_seq += 1;
+    shared.active.lock().expect("active lock").file = Arc::clone(appender.file());
+    shared.wb_cv.notify_all();
+    Ok(())
+}
+
+fn sync_loop(shared: Arc<Shared>) {
+    loop {
+        let waiters = {
+            let mut s = shared.sync.lock().expect("sync lock");
+            while s.waiters.is_empty() && !s.wanted && !s.stop {
+                s = shared.sync_cv.wait(s).expect("sync lock");
+            }
+            if s.stop && s.waiters.is_empty() {
+                return;
+            }
+            s.wanted = false;
+            std::mem::take(&mut s.waiters)
+        };
+        let (file, target) = {
+            let a = shared.active.lock().expect("active lock");
+            (Arc::clone(&a.file), a.appended)
+        };
+        let res = if target > shared.flushed() {
+            file.sync_data()
+        } else {
+            Ok(())
+        };
+        match res {
+            Ok(()) => {
+                shared.counters.flushed.fetch_max(target, Ordering::AcqRel);
+                shared.wb_cv.notify_all();
+                for w in waiters {
+                    debug_assert!(w.target <= target);
+                    let _ = w.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(resource = %shared.cfg.resource, error = %e, "fdatasync of the log failed; refusing further writes");
+                shared.failed.store(true, Ordering::Release);
+                for w in waiters {
+                    let _ = w.reply.send(Err(
+                        shared.io_err(std::io::Error::new(e.kind(), e.to_string()))
+                    ));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! One resource on this node: its persisted metadata, its log, its backing
+//! device, and (while primary) its logger. Loading a resource recovers the
+//! log and replays it into the device before any I/O is served.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::applicator::{self, Applicator, Position};
+use crate::frontend::{BlockIo, IoError};
+use crate::log::{self, LogStore};
+use crate::logger::{Counters, Logger, LoggerConfig, StartPoint};
+use crate::quota::LogQuota;
+use crate::storage::{File, OpenMode, Storage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("resource {0} does not exist on this node")]
+    NotFound(String),
+    #[error("resource {0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("resource {resource} is not primary on this node{hint}")]
+    NotPrimary {
+        resource: String,
+        hint: &'static str,
+    },
+    #[error(
+        "resource {resource} is in use ({opens} open handles, e.g. NBD clients): disconnect them first"
+    )]
+    InUse { resource: String, opens: usize },
+    #[error("backing device {path} of resource {resource}: {source}")]
+    Backing {
+        resource: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("resource {resource}: {what}: {source}")]
+    Io {
+        resource: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("resource {resource}: {source}")]
+    Log {
+        resource: String,
+        #[source]
+        source: log::Error,
+    },
+    #[error("resource {resource}: {source}")]
+    Apply {
+        resource: String,
+        #[source]
+        source: applicator::Error,
+    },
+    #[error(transparent)]
+    Volume(#[from] IoError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Local role of a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+/// What is persisted in `resource-NAME/resource.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub name: String,
+    pub size: u64,
+    pub backing: PathBuf,
+    pub role: Role,
+    /// The primary period: bumped each time this node becomes primary.
+    pub generation: u64,
+}
+
+/// Settings every resource of a node shares.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub logfile_size: u64,
+    pub overlay_limit: u64,
+}
+
+const META_FILE: &str = "resource.json";
+const POSITION_FILE: &str = "written-back.json";
+
+pub fn resource_dir(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("resource-{name}"))
+}
+
+/// Resource names become directory and export names: keep them plain.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid resource name '{name}': use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+struct State {
+    meta: Meta,
+    logger: Option<Arc<Logger>>,
+}
+
+pub struct Resource {
+    name: String,
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    settings: Settings,
+    quota: Arc<LogQuota>,
+    store: Arc<LogStore>,
+    backing: Arc<dyn File>,
+    counters: Arc<Counters>,
+    state: Mutex<State>,
+    opens: AtomicUsize,
+}
+
+impl Resource {
+    fn err_log(&self) -> impl FnOnce(log::Error) -> Error + '_ {
+        |source| Error::Log {
+            resource: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Creates a new resource with this node as primary.
+    pub fn create(
+        storage: Arc<dyn Storage>,
+        root: &Path,
+        settings: Settings,
+        quota: Arc<LogQuota>,
+        name: &str,
+        backing: &Path,
+        size: u64,
+    ) -> Result<Arc<Resource>> {
+        validate_name(name)?;
+        if size == 0 {
+            return Err(Error::InvalidArgument(
+                "invalid size 0: a resource needs at least one byte".into(),
+            ));
+        }
+        let dir = resource_dir(root, name);
+        if storage.exists(&dir) {
+            return Err(Error::AlreadyExists(name.into()));
+        }
+        if !backing.is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "backing path {} must be absolute",
+                backing.display()
+            )));
+        }
+        let parent_ok = backing.parent().is_some_and(|p| storage.exists(p));
+        if !parent_ok {
+            return Err(Error::Backing {
+                resource: name.into(),
+                path: backing.into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "its directory does not exist",
+                ),
+            });
+        }
+        let bad = |source| Error::Backing {
+            resource: name.into(),
+            path: backing.into(),
+            source,
+        };
+        let file = storage.open(backing, OpenMode::Create).map_err(bad)?;
+        let have = file.size().map_err(bad)?;
+        if have < size {
+            if file.is_block_device() {
+                return Err(Error::InvalidArgument(format!(
+                    "block device {} has {have} bytes, less than the requested size {size}",
+                    backing.display()
+                )));
+            }
+            file.set_len(size).map_err(bad)?;
+            file.sync_data().map_err(bad)?;
+        }
+        drop(file);
+        let io = |what| {
+            move |source| Error::Io {
+                resource: name.into(),
+                what,
+                source,
+            }
+        };
+        storage
+            .create_dir_all(&dir)
+            .map_err(io("creating the resource directory"))?;
+        let meta = Meta {
+            name: name.into(),
+            size,
+            backing: backing.into(),
+            role: Role::Primary,
+            generation: 1,
+        };
+        Position {
+            pos: 0,
+            next_seq: 1,
+        }
+        .store(&*storage, &dir.join(POSITION_FILE))
+        .map_err(|source| Error::Apply {
+            resource: name.into(),
+            source,
+        })?;
+        write_meta(&*storage, &dir, &meta)?;
+        if let Some(root_dir) = dir.parent() {
+            storage
+                .sync_dir(root_dir)
+                .map_err(io("syncing the state root"))?;
+        }
+        tracing::info!(resource = name, backing = %backing.display(), size, "created resource");
+        Self::load(storage, &dir, settings, quota)
+    }
+
+    /// Loads a resource from its directory: recovers the log, replays it
+    /// into the device from the written-back position, then (if primary)
+    /// starts the logger.
+    pub fn load(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        settings: Settings,
+        quota: Arc<LogQuota>,
+    ) -> Result<Arc<Resource>> {
+        let meta: Meta = {
+            let path = dir.join(META_FILE);
+            let bytes = storage.read_file(&path).map_err(|source| Error::Io {
+                resource: dir.display().to_string(),
+                what: "reading resource.json",
+                source,
+            })?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
+        };
+        let name = meta.name.clone();
+        let (store, _recovered) =
+            LogStore::open(Arc::clone(&storage), dir).map_err(|source| Error::Log {
+                resource: name.clone(),
+                source,
+            })?;
+        let store = Arc::new(store);
+        quota.charge_existing(store.bytes());
+        let backing = storage
+            .open(&meta.backing, OpenMode::ReadWrite)
+            .map_err(|source| Error::Backing {
+                resource: name.clone(),
+                path: meta.backing.clone(),
+                source,
+            })?;
+        let res = Arc::new(Resource {
+            name,
+            dir: dir.to_path_buf(),
+            storage,
+            settings,
+            quota,
+            store,
+            backing,
+            counters: Arc::new(Counters::default()),
+            state: Mutex::new(State { meta, logger: None }),
+            opens: AtomicUsize::new(0),
+        });
+        res.replay()?;
+        if res.state.lock().expect("state lock").meta.role == Role::Primary {
+            res.start_logger(false)?;
+        }
+        Ok(res)
+    }
+
+    /// Replays the log from the written-back position into the device.
+    fn replay(&self) -> Result<()> {
+        let pos_path = self.dir.join(POSITION_FILE);
+        let apply_err = |source| Error::Apply {
+            resource: self.name.clone(),
+            source,
+        };
+        let start = Position::load(&*self.storage, &pos_path)
+            .map_err(apply_err)?
+            .unwrap_or_default();
+        let end = self
+            .store
+            .files()
+            .last()
+            .map(|f| f.end_pos)
+            .unwrap_or(start.pos);
+        let backing_path = self.state.lock().expect("state lock").meta.backing.clone();
+        let mut app = Applicator::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.storage),
+            Arc::clone(&self.backing),
+            backing_path,
+            pos_path,
+            start,
+        );
+        if end > start.pos {
+            let t = Instant::now();
+            let n = app.apply_all().map_err(apply_err)?;
+            tracing::info!(resource = %self.name, from = start.pos, to = app.position().pos, records = n, ms = t.elapsed().as_millis() as u64, "recovery replayed the log into the device");
+        }
+        let pos = app.position().pos;
+        self.counters
+            .appended
+            .store(end.max(pos), Ordering::Release);
+        self.counters.flushed.store(end.max(pos), Ordering::Release);
+        self.counters.written_back.store(pos, Ordering::Release);
+        Ok(())
+    }
+
+    /// Starts the logger. `new_period` starts a new logfile (a new primary
+    /// generation); otherwise appending resumes in the last logfile.
+    fn start_logger(&self, new_period: bool) -> Result<()> {
+        let mut st = self.state.lock().expect("state lock");
+        let files = self.store.files();
+        let last = files.last();
+        let written_back = self.counters.written_back.load(Ordering::Acquire);
+        let appender = match last {
+            Some(f) if !new_period && f.header.generation == st.meta.generation => {
+                self.store.resume_last().map_err(self.err_log())?
+            }
+            _ => None,
+        };
+        let pos_seq = Position::load(&*self.storage, &self.dir.join(POSITION_FILE))
+            .map_err(|source| Error::Apply {
+                resource: self.name.clone(),
+                source,
+            })?
+            .unwrap_or(Position {
+                pos: 0,
+                next_seq: 1,
+            });
+        let start = StartPoint {
+            appender,
+            next_file_seq: last.map_or(1, |f| f.file_seq + 1),
+            end_pos: last.map_or(pos_seq.pos, |f| f.end_pos),
+            next_seq: last.map_or(pos_seq.next_seq, |f| f.end_seq),
+            written_back,
+        };
+        let cfg = LoggerConfig {
+            resource: self.name.clone(),
+            node: self.settings.node.clone(),
+            generation: st.meta.generation,
+            logfile_size: self.settings.logfile_size,
+            overlay_limit: self.settings.overlay_limit,
+            backing_path: st.meta.backing.clone(),
+            position_path: self.dir.join(POSITION_FILE),
+        };
+        let logger = Logger::start(
+            cfg,
+            Arc::clone(&self.storage),
+            Arc::clone(&self.store),
+            Arc::clone(&self.backing),
+            Arc::clone(&self.quota),
+            Arc::clone(&self.counters),
+            st.meta.size,
+            start,
+        )?;
+        st.logger = Some(logger);
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn meta(&self) -> Meta {
+        self.state.lock().expect("state lock").meta.clone()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn opens(&self) -> usize {
+        self.opens.load(Ordering::Acquire)
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.store.bytes()
+    }
+
+    pub fn writeback_error(&self) -> Option<String> {
+        self.logger().and_then(|l| l.writeback_error())
+    }
+
+    pub fn logger(&self) -> Option<Arc<Logger>> {
+        self.state.lock().expect("state lock").logger.clone()
+    }
+
+    fn primary_logger(&self, hint: &'static str) -> Result<Arc<Logger>> {
+        self.logger().ok_or_else(|| Error::NotPrimary {
+            resource: self.name.clone(),
+            hint,
+        })
+    }
+
+    /// Opens the volume for a client (an NBD connection). Only a primary
+    /// serves I/O.
+    pub fn open(self: &Arc<Self>) -> Option<VolumeHandle> {
+        let st = self.state.lock().expect("state lock");
+        let logger = st.logger.clone()?;
+        self.opens.fetch_add(1, Ordering::AcqRel);
+        Some(VolumeHandle {
+            resource: Arc::clone(self),
+            logger,
+        })
+    }
+
+    /// Makes this node primary (a new generation). Idempotent.
+    pub fn make_primary(&self) -> Result<()> {
+        {
+            let mut st = self.state.lock().expect("state lock");
+            if st.meta.role == Role::Primary && st.logger.is_some() {
+                return Ok(());
+            }
+            st.meta.role = Role::Primary;
+            st.meta.generation += 1;
+            write_meta(&*self.storage, &self.dir, &st.meta)?;
+            tracing::info!(resource = %self.name, generation = st.meta.generation, "became primary");
+        }
+        self.start_logger(true)
+    }
+
+    /// Gives up the primary role: refuses while the volume is open; else
+    /// stops I/O and writes everything back. Blocking. Idempotent.
+    pub fn make_secondary(&self) -> Result<()> {
+        let logger = {
+            let mut st = self.state.lock().expect("state lock");
+            let opens = self.opens();
+            if opens > 0 {
+                return Err(Error::InUse {
+                    resource: self.name.clone(),
+                    opens,
+                });
+            }
+            st.meta.role = Role::Secondary;
+            write_meta(&*self.storage, &self.dir, &st.meta)?;
+            st.logger.take()
+        };
+        if let Some(l) = logger {
+            l.stop(None);
+            tracing::info!(resource = %self.name, "became secondary");
+        }
+        Ok(())
+    }
+
+    /// Stops I/O for a daemon shutdown, writing back what fits before the
+    /// deadline (the rest stays in the log). The role stays as it is.
+    pub fn shutdown(&self, deadline: Instant) {
+        let logger = self.state.lock().expect("state lock").logger.take();
+        if let Some(l) = logger {
+            l.stop(Some(deadline));
+        }
+    }
+
+    /// Grows the device (primary only).
+    pub async fn resize(&self, size: u64) -> Result<()> {
+        let logger = self.primary_logger(": resize on the primary")?;
+        let current = logger.size();
+        if size < current {
+            return Err(Error::InvalidArgument(format!(
+                "resource {} is {current} bytes; shrinking to {size} is not supported",
+                self.name
+            )));
+        }
+        if size == current {
+            return Ok(());
+        }
+        if self.backing.is_block_device() {
+            let have = self.backing.size().map_err(|source| Error::Backing {
+                resource: self.name.clone(),
+                path: self.meta().backing,
+                source,
+            })?;
+            if have < size {
+                return Err(Error::InvalidArgument(format!(
+                    "backing block device of {} has only {have} bytes: grow it (e.g. lvextend) before resizing to {size}",
+                    self.name
+                )));
+            }
+        }
+        logger.resize(size).await?;
+        let mut st = self.state.lock().expect("state lock");
+        st.meta.size = st.meta.size.max(size);
+        write_meta(&*self.storage, &self.dir, &st.meta)?;
+        tracing::info!(resource = %self.name, size, "resized");
+        Ok(())
+    }
+
+    pub async fn log_rotate(&self) -> Result<()> {
+        let logger = self.primary_logger(": log-rotate on the primary")?;
+        Ok(logger.rotate().await?)
+    }
+
+    /// Deletes logfiles that are written back. Returns bytes freed.
+    pub fn log_delete(&self) -> Result<u64> {
+        let pos = self.counters.written_back.load(Ordering::Acquire);
+        let freed = self.store.delete_before(pos).map_err(self.err_log())?;
+        self.quota.release(freed);
+        Ok(freed)
+    }
+
+    /// Removes the resource from this node: writes everything back first and
+    /// keeps the backing device (it holds the volume). Refuses while open.
+    pub fn delete(&self) -> Result<()> {
+        self.make_secondary()?;
+        let freed = self.store.bytes();
+        self.storage
+            .remove_dir_all(&self.dir)
+            .map_err(|source| Error::Io {
+                resource: self.name.clone(),
+                what: "removing the resource directory",
+                source,
+            })?;
+        self.quota.release(freed);
+        tracing::info!(resource = %self.name, "deleted resource (backing device kept)");
+        Ok(())
+    }
+}
+
+fn write_meta(storage: &dyn Storage, dir: &Path, meta: &Meta) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(meta).expect("meta serializes");
+    storage
+        .write_atomic(&dir.join(META_FILE), &bytes)
+        .map_err(|source| Error::Io {
+            resource: meta.name.clone(),
+            what: "writing resource.json",
+            source,
+        })
+}
+
+/// One client's open volume. While any exists the resource is "in use".
+pub struct VolumeHandle {
+    resource: Arc<Resource>,
+    logger: Arc<Logger>,
+}
+
+impl Drop for VolumeHandle {
+    fn drop(&mut self) {
+        self.resource.opens.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl BlockIo for VolumeHandle {
+    fn size(&self) -> u64 {
+        self.logger.size()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.logger.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.logger.write(offset, data, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        self.logger.write_zeroes(offset, len, fua).await
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        self.logger.flush().await
+    }
+}

@@ -1,0 +1,151 @@
+//! Writeback: applies logged records to the backing device in log order,
+//! never beyond the log position that is durable (so the device is always a
+//! prefix of what the log keeps after a power loss), then syncs the device,
+//! persists the written-back position and deletes logfiles that are no
+//! longer needed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::applicator::{Position, apply_record};
+use crate::logger::{Pending, Shared};
+
+/// Persist the position at least this often while writing back.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+/// ... or after this many bytes.
+const PERSIST_BYTES: u64 = 64 << 20;
+const BATCH_RECORDS: usize = 1024;
+
+pub(crate) fn run(shared: Arc<Shared>) {
+    let resource = shared.cfg.resource.clone();
+    let mut written = Position {
+        pos: shared.counters.written_back.load(Ordering::Acquire),
+        next_seq: 0,
+    };
+    let mut persisted = written.pos;
+    let mut last_persist = Instant::now();
+    loop {
+        let (batch, stopping) = {
+            let mut wb = shared.wb.lock().expect("wb lock");
+            loop {
+                let flushed = shared.flushed();
+                let ready = wb.queue.front().is_some_and(|p| p.end() <= flushed);
+                if ready {
+                    break;
+                }
+                if let Some(deadline) = wb.stop {
+                    let logger_done = shared.log_done.load(Ordering::Acquire);
+                    if (wb.queue.is_empty() && logger_done) || Instant::now() >= deadline {
+                        drop(wb);
+                        persist(&shared, &mut written, &mut persisted, &resource);
+                        if !shared.wb.lock().expect("wb lock").queue.is_empty() {
+                            tracing::warn!(%resource, pos = written.pos, "shutdown deadline reached: the rest stays in the log for the next start");
+                        }
+                        return;
+                    }
+                }
+                if !wb.queue.is_empty() {
+                    shared.want_sync();
+                } else if written.pos > persisted && last_persist.elapsed() >= PERSIST_INTERVAL {
+                    break;
+                }
+                wb = shared
+                    .wb_cv
+                    .wait_timeout(wb, Duration::from_millis(100))
+                    .expect("wb lock")
+                    .0;
+            }
+            let flushed = shared.flushed();
+            let mut batch: Vec<Pending> = Vec::new();
+            while batch.len() < BATCH_RECORDS {
+                match wb.queue.front() {
+                    Some(p) if p.end() <= flushed => {
+                        batch.push(wb.queue.pop_front().expect("front exists"))
+                    }
+                    _ => break,
+                }
+            }
+            (batch, wb.stop.is_some())
+        };
+        for p in batch {
+            if !apply_with_retry(&shared, &p, &resource, stopping) {
+                // Shutting down with a failing device: the rest stays in the log.
+                persist(&shared, &mut written, &mut persisted, &resource);
+                return;
+            }
+            let h = &p.record.header;
+            shared
+                .overlay
+                .lock()
+                .expect("overlay lock")
+                .remove(h.offset, h.length, p.pos);
+            shared
+                .counters
+                .overlay_bytes
+                .fetch_sub(h.payload_len as u64, Ordering::Relaxed);
+            written = Position {
+                pos: p.end(),
+                next_seq: h.seq + 1,
+            };
+        }
+        let queue_empty = shared.wb.lock().expect("wb lock").queue.is_empty();
+        if written.pos > persisted
+            && (queue_empty
+                || written.pos - persisted >= PERSIST_BYTES
+                || last_persist.elapsed() >= PERSIST_INTERVAL)
+        {
+            persist(&shared, &mut written, &mut persisted, &resource);
+            last_persist = Instant::now();
+        }
+    }
+}
+
+/// Writing back must not skip a record: on error, retry (the overlay keeps
+/// serving reads meanwhile) and report the error in `view`.
+fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str, stopping: bool) -> bool {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match apply_record(&*shared.backing, &shared.cfg.backing_path, p.pos, &p.record) {
+            Ok(()) => {
+                shared.wb_error.lock().expect("wb error lock").take();
+                return true;
+            }
+            Err(e) => {
+                tracing::error!(%resource, pos = p.pos, error = %e, "writeback failed; retrying");
+                *shared.wb_error.lock().expect("wb error lock") = Some(e.to_string());
+                if stopping && delay > Duration::from_secs(2) {
+                    // Leave it in the log: the next start replays it.
+                    return false;
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Syncs the device, persists the written-back position, deletes logfiles
+/// that are entirely written back and returns their space to the quota.
+fn persist(shared: &Shared, written: &mut Position, persisted: &mut u64, resource: &str) {
+    if written.pos <= *persisted {
+        return;
+    }
+    if let Err(e) = shared.backing.sync_data() {
+        tracing::error!(%resource, error = %e, "syncing the backing device failed; position not advanced");
+        return;
+    }
+    if let Err(e) = written.store(&*shared.storage, &shared.cfg.position_path) {
+        tracing::error!(%resource, error = %e, "persisting the written-back position failed");
+        return;
+    }
+    *persisted = written.pos;
+    shared
+        .counters
+        .written_back
+        .store(written.pos, Ordering::Release);
+    match shared.store.delete_before(written.pos) {
+        Ok(freed) => shared.quota.release(freed),
+        Err(e) => tracing::warn!(%resource, error = %e, "deleting written-back logfiles failed"),
+    }
+}
