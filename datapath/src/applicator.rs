@@ -216,3 +216,163 @@ impl Applicator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::format::{FileHeader, RecordHeader, encode_record};
+    use crate::storage::OpenMode;
+    use crate::storage::fs::RealStorage;
+    use proptest::prelude::*;
+
+    const DEV: u64 = 64 * 1024;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { offset: u64, len: u64, byte: u8 },
+        Zero { offset: u64, len: u64 },
+        Grow { by: u64 },
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..DEV - 1, 1u64..9000, any::<u8>()).prop_map(|(offset, len, byte)| Op::Write { offset, len: len.min(DEV - offset), byte }),
+            2 => (0..DEV - 1, 1u64..20000).prop_map(|(offset, len)| Op::Zero { offset, len: len.min(DEV - offset) }),
+            1 => (1u64..8192).prop_map(|by| Op::Grow { by }),
+        ]
+    }
+
+    /// The model: a device as a byte vector, after each op.
+    fn model_states(ops: &[Op]) -> Vec<Vec<u8>> {
+        let mut dev = vec![0u8; DEV as usize];
+        let mut states = vec![dev.clone()];
+        for op in ops {
+            match *op {
+                Op::Write { offset, len, byte } => dev[offset as usize..(offset + len) as usize].fill(byte),
+                Op::Zero { offset, len } => dev[offset as usize..(offset + len) as usize].fill(0),
+                Op::Grow { by } => dev.resize(dev.len() + by as usize, 0),
+            }
+            states.push(dev.clone());
+        }
+        states
+    }
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        storage: Arc<dyn Storage>,
+        store: Arc<LogStore>,
+        dev_path: PathBuf,
+        pos_path: PathBuf,
+        /// End position of each record, in order.
+        ends: Vec<u64>,
+    }
+
+    /// Logs `ops` (rotating every few records) and creates an empty device.
+    fn fixture(ops: &[Op], rotate_every: usize) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(RealStorage);
+        let (store, _) = LogStore::open(Arc::clone(&storage), tmp.path()).unwrap();
+        let mut app = store.create_file("n1", FileHeader { file_seq: 1, start_pos: 0, first_seq: 1, generation: 1 }).unwrap();
+        let mut size = DEV;
+        let mut ends = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if i > 0 && i % rotate_every == 0 {
+                app.sync().unwrap();
+                let h = FileHeader { file_seq: i as u64 / rotate_every as u64 + 1, start_pos: app.end_pos(), first_seq: app.next_seq(), generation: 1 };
+                app = store.create_file("n1", h).unwrap();
+            }
+            let (kind, offset, length, payload) = match *op {
+                Op::Write { offset, len, byte } => (RecordKind::Write, offset, len, vec![byte; len as usize]),
+                Op::Zero { offset, len } => (RecordKind::Zero, offset, len, vec![]),
+                Op::Grow { by } => {
+                    size += by;
+                    (RecordKind::Resize, size, 0, vec![])
+                }
+            };
+            let h = RecordHeader { kind, volume: 0, seq: app.next_seq(), generation: 1, offset, length, timestamp_ns: 0, payload_len: payload.len() as u32 };
+            let mut buf = Vec::new();
+            encode_record(&h, &payload, &mut buf);
+            app.append(&buf, 1).unwrap();
+            store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+            ends.push(app.end_pos());
+        }
+        let dev_path = tmp.path().join("dev.img");
+        storage.open(&dev_path, OpenMode::Create).unwrap().set_len(DEV).unwrap();
+        let pos_path = tmp.path().join("applied.json");
+        Fixture { storage, store: Arc::new(store), dev_path, pos_path, ends, _tmp: tmp }
+    }
+
+    impl Fixture {
+        fn applicator(&self, start: Position) -> Applicator {
+            let dev = self.storage.open(&self.dev_path, OpenMode::ReadWrite).unwrap();
+            Applicator::new(Arc::clone(&self.store), Arc::clone(&self.storage), dev, self.dev_path.clone(), self.pos_path.clone(), start)
+        }
+        fn device(&self) -> Vec<u8> {
+            std::fs::read(&self.dev_path).unwrap()
+        }
+    }
+
+    const START: Position = Position { pos: 0, next_seq: 1 };
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Applying any prefix of the log yields the model's state at that
+        /// prefix; applying the rest from there yields the final state.
+        #[test]
+        fn applying_a_prefix_gives_the_state_at_that_position(
+            ops in proptest::collection::vec(arb_op(), 1..30),
+            cut in any::<prop::sample::Index>(),
+            rotate_every in 1usize..8,
+        ) {
+            let f = fixture(&ops, rotate_every);
+            let states = model_states(&ops);
+            let k = cut.index(ops.len() + 1);
+            let limit = if k == 0 { 0 } else { f.ends[k - 1] };
+            let mut app = f.applicator(START);
+            prop_assert_eq!(app.apply_until(limit, usize::MAX).unwrap(), k);
+            prop_assert_eq!(f.device(), states[k].clone());
+            prop_assert_eq!(app.apply_all().unwrap(), ops.len() - k);
+            prop_assert_eq!(f.device(), states[ops.len()].clone());
+        }
+
+        /// Re-applying from an earlier position changes nothing (idempotent),
+        /// and a restart resumes from the persisted position.
+        #[test]
+        fn reapplying_is_idempotent_and_restart_resumes_from_the_persisted_position(
+            ops in proptest::collection::vec(arb_op(), 1..30),
+            batch in 1usize..6,
+            back in any::<prop::sample::Index>(),
+        ) {
+            let f = fixture(&ops, 5);
+            let states = model_states(&ops);
+            // Apply in small batches, "crashing" (dropping the applicator) after each.
+            let mut done = 0;
+            loop {
+                let start = Position::load(&*f.storage, &f.pos_path).unwrap().unwrap_or(START);
+                let mut app = f.applicator(start);
+                let n = app.apply_until(u64::MAX, batch).unwrap();
+                done += n;
+                prop_assert_eq!(f.device(), states[done].clone());
+                if n == 0 { break; }
+            }
+            prop_assert_eq!(done, ops.len());
+            // Replay again from an earlier record boundary: same final state.
+            let j = back.index(ops.len());
+            let from = if j == 0 { START } else { Position { pos: f.ends[j - 1], next_seq: j as u64 + 1 } };
+            let mut app = f.applicator(from);
+            prop_assert_eq!(app.apply_all().unwrap(), ops.len() - j);
+            prop_assert_eq!(f.device(), states[ops.len()].clone());
+        }
+    }
+
+    #[test]
+    fn a_write_beyond_the_device_is_refused_not_half_applied() {
+        let ops = [Op::Write { offset: 0, len: 10, byte: 1 }];
+        let f = fixture(&ops, 10);
+        std::fs::OpenOptions::new().write(true).open(&f.dev_path).unwrap().set_len(5).unwrap();
+        let err = f.applicator(START).apply_all().unwrap_err();
+        assert!(err.to_string().contains("grow the device first"), "{err}");
+        assert_eq!(Position::load(&*f.storage, &f.pos_path).unwrap(), None);
+    }
+}

@@ -43,6 +43,8 @@ pub struct Counters {
     pub written_back: AtomicU64,
     /// Bytes of record payload held in the overlay.
     pub overlay_bytes: AtomicU64,
+    /// The most the overlay ever held.
+    pub overlay_peak: AtomicU64,
 }
 
 /// Settings of one logger.
@@ -235,10 +237,8 @@ impl Logger {
         counters
             .written_back
             .store(start.written_back, Ordering::Release);
-        let budget_max = cfg.overlay_limit.clamp(
-            MAX_PAYLOAD as u64 + RECORD_HEADER_LEN as u64,
-            u32::MAX as u64,
-        ) as u32;
+        // A write larger than the whole budget takes all of it (and waits for an empty overlay).
+        let budget_max = cfg.overlay_limit.clamp(1 << 20, u32::MAX as u64) as u32;
         let shared = Arc::new(Shared {
             storage,
             store,
@@ -703,10 +703,14 @@ fn commit(
                 }
                 RecordKind::Zero => overlay.insert(h.offset, h.length, *p, None),
             }
-            shared
+            let held = shared
                 .counters
                 .overlay_bytes
                 .fetch_add(h.payload_len as u64, Ordering::Relaxed);
+            shared
+                .counters
+                .overlay_peak
+                .fetch_max(held + h.payload_len as u64, Ordering::Relaxed);
         }
     }
     shared.active.lock().expect("active lock").appended = end;

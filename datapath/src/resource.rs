@@ -586,3 +586,144 @@ impl BlockIo for VolumeHandle {
         self.logger.flush().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fs::RealStorage;
+
+    fn setup(tmp: &Path, logfile_size: u64, overlay_limit: u64, quota: u64) -> Arc<Resource> {
+        let settings = Settings { node: "n1".into(), logfile_size, overlay_limit };
+        Resource::create(
+            Arc::new(RealStorage),
+            &tmp.join("root"),
+            settings,
+            Arc::new(LogQuota::new(quota)),
+            "r1",
+            &tmp.join("r1.img"),
+            16 << 20,
+        )
+        .unwrap()
+    }
+
+    fn pattern(i: u64, len: usize) -> Bytes {
+        Bytes::from((0..len).map(|j| (i.wrapping_mul(131) + j as u64 / 512) as u8).collect::<Vec<_>>())
+    }
+
+    /// Writes 64 KiB blocks round-robin over the device, `total` bytes in all,
+    /// with `concurrency` writers; returns the expected device image.
+    async fn write_many(h: &Arc<VolumeHandle>, total: u64, concurrency: usize) -> Vec<u8> {
+        let block = 64 << 10;
+        let blocks = total / block;
+        let dev_blocks = (16 << 20) / block;
+        let mut expect = vec![0u8; 16 << 20];
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..concurrency as u64 {
+            let h = Arc::clone(h);
+            tasks.spawn(async move {
+                let mut i = w;
+                while i < blocks {
+                    h.write((i % dev_blocks) * block, pattern(i, block as usize), false).await.unwrap();
+                    i += concurrency as u64;
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        // Blocks are written by disjoint writers in rounds; the last write of each block wins.
+        for i in 0..blocks {
+            let off = ((i % dev_blocks) * block) as usize;
+            if i + dev_blocks >= blocks {
+                expect[off..off + block as usize].copy_from_slice(&pattern(i, block as usize));
+            }
+        }
+        expect
+    }
+
+    async fn read_all(h: &VolumeHandle) -> Vec<u8> {
+        let mut out = Vec::new();
+        for off in (0..16u64 << 20).step_by(1 << 20) {
+            out.extend_from_slice(&h.read(off, 1 << 20).await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_are_readable_at_once_and_on_the_backing_file_after_secondary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = setup(tmp.path(), 256 << 20, 64 << 20, 1 << 30);
+        let h = Arc::new(r.open().unwrap());
+        let expect = write_many(&h, 4 << 20, 4).await;
+        h.flush().await.unwrap();
+        assert_eq!(read_all(&h).await, expect);
+        assert!(matches!(r.make_secondary(), Err(Error::InUse { opens: 1, .. })));
+        drop(h);
+        tokio::task::spawn_blocking({
+            let r = Arc::clone(&r);
+            move || r.make_secondary()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(r.open().is_none(), "a secondary serves no I/O");
+        assert_eq!(std::fs::read(tmp.path().join("r1.img")).unwrap(), expect);
+        let c = r.counters();
+        assert_eq!(c.written_back.load(Ordering::Acquire), c.appended.load(Ordering::Acquire));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_overlay_makes_writers_wait_and_loses_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 1 MiB of overlay for 24 MiB of writes: writers must wait for writeback.
+        let r = setup(tmp.path(), 4 << 20, 1 << 20, 1 << 30);
+        let h = Arc::new(r.open().unwrap());
+        let expect = write_many(&h, 24 << 20, 8).await;
+        let peak = r.counters().overlay_peak.load(Ordering::Acquire);
+        assert!(peak > 512 << 10, "the overlay was used ({peak} bytes)");
+        assert!(peak <= 1 << 20, "overlay holds {peak} bytes, more than its limit");
+        assert_eq!(read_all(&h).await, expect);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_space_stays_within_the_quota_by_rotation_and_deletion() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 2 MiB of quota, 512 KiB logfiles, 20 MiB written.
+        let r = setup(tmp.path(), 512 << 10, 8 << 20, 2 << 20);
+        let h = Arc::new(r.open().unwrap());
+        let expect = write_many(&h, 20 << 20, 4).await;
+        assert!(r.log_bytes() <= 2 << 20, "log holds {} bytes", r.log_bytes());
+        assert_eq!(read_all(&h).await, expect);
+        let first = r.store.first_pos().unwrap();
+        assert!(first > 0, "old logfiles were deleted");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_after_stop_keeps_role_data_and_positions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = setup(tmp.path(), 1 << 20, 8 << 20, 1 << 30);
+        let h = Arc::new(r.open().unwrap());
+        let expect = write_many(&h, 3 << 20, 2).await;
+        r.resize(32 << 20).await.unwrap();
+        assert!(matches!(r.resize(1 << 20).await, Err(Error::InvalidArgument(_))));
+        drop(h);
+        let appended = r.counters().appended.load(Ordering::Acquire);
+        tokio::task::spawn_blocking({
+            let r = Arc::clone(&r);
+            move || r.shutdown(Instant::now() + std::time::Duration::from_secs(10))
+        })
+        .await
+        .unwrap();
+        drop(r);
+        let settings = Settings { node: "n1".into(), logfile_size: 1 << 20, overlay_limit: 8 << 20 };
+        let dir = resource_dir(&tmp.path().join("root"), "r1");
+        let r = Resource::load(Arc::new(RealStorage), &dir, settings, Arc::new(LogQuota::new(1 << 30))).unwrap();
+        assert_eq!(r.meta().role, Role::Primary);
+        assert_eq!(r.meta().size, 32 << 20);
+        assert_eq!(r.counters().written_back.load(Ordering::Acquire), appended);
+        let h = r.open().unwrap();
+        assert_eq!(h.size(), 32 << 20);
+        assert_eq!(&read_all(&h).await[..], &expect[..]);
+        assert_eq!(std::fs::metadata(tmp.path().join("r1.img")).unwrap().len(), 32 << 20);
+    }
+}
