@@ -248,7 +248,9 @@ mod tests {
         let mut states = vec![dev.clone()];
         for op in ops {
             match *op {
-                Op::Write { offset, len, byte } => dev[offset as usize..(offset + len) as usize].fill(byte),
+                Op::Write { offset, len, byte } => {
+                    dev[offset as usize..(offset + len) as usize].fill(byte)
+                }
                 Op::Zero { offset, len } => dev[offset as usize..(offset + len) as usize].fill(0),
                 Op::Grow { by } => dev.resize(dev.len() + by as usize, 0),
             }
@@ -272,24 +274,50 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let storage: Arc<dyn Storage> = Arc::new(RealStorage);
         let (store, _) = LogStore::open(Arc::clone(&storage), tmp.path()).unwrap();
-        let mut app = store.create_file("n1", FileHeader { file_seq: 1, start_pos: 0, first_seq: 1, generation: 1 }).unwrap();
+        let mut app = store
+            .create_file(
+                "n1",
+                FileHeader {
+                    file_seq: 1,
+                    start_pos: 0,
+                    first_seq: 1,
+                    generation: 1,
+                },
+            )
+            .unwrap();
         let mut size = DEV;
         let mut ends = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             if i > 0 && i % rotate_every == 0 {
                 app.sync().unwrap();
-                let h = FileHeader { file_seq: i as u64 / rotate_every as u64 + 1, start_pos: app.end_pos(), first_seq: app.next_seq(), generation: 1 };
+                let h = FileHeader {
+                    file_seq: i as u64 / rotate_every as u64 + 1,
+                    start_pos: app.end_pos(),
+                    first_seq: app.next_seq(),
+                    generation: 1,
+                };
                 app = store.create_file("n1", h).unwrap();
             }
             let (kind, offset, length, payload) = match *op {
-                Op::Write { offset, len, byte } => (RecordKind::Write, offset, len, vec![byte; len as usize]),
+                Op::Write { offset, len, byte } => {
+                    (RecordKind::Write, offset, len, vec![byte; len as usize])
+                }
                 Op::Zero { offset, len } => (RecordKind::Zero, offset, len, vec![]),
                 Op::Grow { by } => {
                     size += by;
                     (RecordKind::Resize, size, 0, vec![])
                 }
             };
-            let h = RecordHeader { kind, volume: 0, seq: app.next_seq(), generation: 1, offset, length, timestamp_ns: 0, payload_len: payload.len() as u32 };
+            let h = RecordHeader {
+                kind,
+                volume: 0,
+                seq: app.next_seq(),
+                generation: 1,
+                offset,
+                length,
+                timestamp_ns: 0,
+                payload_len: payload.len() as u32,
+            };
             let mut buf = Vec::new();
             encode_record(&h, &payload, &mut buf);
             app.append(&buf, 1).unwrap();
@@ -297,22 +325,46 @@ mod tests {
             ends.push(app.end_pos());
         }
         let dev_path = tmp.path().join("dev.img");
-        storage.open(&dev_path, OpenMode::Create).unwrap().set_len(DEV).unwrap();
+        storage
+            .open(&dev_path, OpenMode::Create)
+            .unwrap()
+            .set_len(DEV)
+            .unwrap();
         let pos_path = tmp.path().join("applied.json");
-        Fixture { storage, store: Arc::new(store), dev_path, pos_path, ends, _tmp: tmp }
+        Fixture {
+            storage,
+            store: Arc::new(store),
+            dev_path,
+            pos_path,
+            ends,
+            _tmp: tmp,
+        }
     }
 
     impl Fixture {
         fn applicator(&self, start: Position) -> Applicator {
-            let dev = self.storage.open(&self.dev_path, OpenMode::ReadWrite).unwrap();
-            Applicator::new(Arc::clone(&self.store), Arc::clone(&self.storage), dev, self.dev_path.clone(), self.pos_path.clone(), start)
+            let dev = self
+                .storage
+                .open(&self.dev_path, OpenMode::ReadWrite)
+                .unwrap();
+            Applicator::new(
+                Arc::clone(&self.store),
+                Arc::clone(&self.storage),
+                dev,
+                self.dev_path.clone(),
+                self.pos_path.clone(),
+                start,
+            )
         }
         fn device(&self) -> Vec<u8> {
             std::fs::read(&self.dev_path).unwrap()
         }
     }
 
-    const START: Position = Position { pos: 0, next_seq: 1 };
+    const START: Position = Position {
+        pos: 0,
+        next_seq: 1,
+    };
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
@@ -368,9 +420,18 @@ mod tests {
 
     #[test]
     fn a_write_beyond_the_device_is_refused_not_half_applied() {
-        let ops = [Op::Write { offset: 0, len: 10, byte: 1 }];
+        let ops = [Op::Write {
+            offset: 0,
+            len: 10,
+            byte: 1,
+        }];
         let f = fixture(&ops, 10);
-        std::fs::OpenOptions::new().write(true).open(&f.dev_path).unwrap().set_len(5).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.dev_path)
+            .unwrap()
+            .set_len(5)
+            .unwrap();
         let err = f.applicator(START).apply_all().unwrap_err();
         assert!(err.to_string().contains("grow the device first"), "{err}");
         assert_eq!(Position::load(&*f.storage, &f.pos_path).unwrap(), None);

@@ -397,6 +397,8 @@ impl Logger {
     /// stays in the log for the next start. Blocking: call from a blocking context.
     pub fn stop(&self, deadline: Option<Instant>) {
         self.shared.closed.store(true, Ordering::Release);
+        // Writers waiting for overlay space give up instead of waiting forever.
+        self.shared.budget.close();
         // Dropping the sender ends the logger thread once its queue is empty.
         self.tx.lock().expect("tx lock").take();
         {
@@ -683,9 +685,7 @@ fn commit(
     }
     if let Err(e) = appender.append(buf, count) {
         tracing::error!(resource = %shared.cfg.resource, error = %e, "appending to the log failed");
-        fail_all(shared, writes, || {
-            shared.io_err(std::io::Error::new(e.kind(), e.to_string()))
-        });
+        fail_all(shared, writes, || shared.io_err(clone_io(&e)));
         return;
     }
     let end = appender.end_pos();
@@ -818,11 +818,17 @@ fn sync_loop(shared: Arc<Shared>) {
                 tracing::error!(resource = %shared.cfg.resource, error = %e, "fdatasync of the log failed; refusing further writes");
                 shared.failed.store(true, Ordering::Release);
                 for w in waiters {
-                    let _ = w.reply.send(Err(
-                        shared.io_err(std::io::Error::new(e.kind(), e.to_string()))
-                    ));
+                    let _ = w.reply.send(Err(shared.io_err(clone_io(&e))));
                 }
             }
         }
+    }
+}
+
+/// An io::Error for each waiter of a failed operation, keeping the errno.
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }

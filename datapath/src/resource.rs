@@ -593,7 +593,11 @@ mod tests {
     use crate::storage::fs::RealStorage;
 
     fn setup(tmp: &Path, logfile_size: u64, overlay_limit: u64, quota: u64) -> Arc<Resource> {
-        let settings = Settings { node: "n1".into(), logfile_size, overlay_limit };
+        let settings = Settings {
+            node: "n1".into(),
+            logfile_size,
+            overlay_limit,
+        };
         Resource::create(
             Arc::new(RealStorage),
             &tmp.join("root"),
@@ -607,7 +611,11 @@ mod tests {
     }
 
     fn pattern(i: u64, len: usize) -> Bytes {
-        Bytes::from((0..len).map(|j| (i.wrapping_mul(131) + j as u64 / 512) as u8).collect::<Vec<_>>())
+        Bytes::from(
+            (0..len)
+                .map(|j| (i.wrapping_mul(131) + j as u64 / 512) as u8)
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Writes 64 KiB blocks round-robin over the device, `total` bytes in all,
@@ -623,7 +631,9 @@ mod tests {
             tasks.spawn(async move {
                 let mut i = w;
                 while i < blocks {
-                    h.write((i % dev_blocks) * block, pattern(i, block as usize), false).await.unwrap();
+                    h.write((i % dev_blocks) * block, pattern(i, block as usize), false)
+                        .await
+                        .unwrap();
                     i += concurrency as u64;
                 }
             });
@@ -657,7 +667,10 @@ mod tests {
         let expect = write_many(&h, 4 << 20, 4).await;
         h.flush().await.unwrap();
         assert_eq!(read_all(&h).await, expect);
-        assert!(matches!(r.make_secondary(), Err(Error::InUse { opens: 1, .. })));
+        assert!(matches!(
+            r.make_secondary(),
+            Err(Error::InUse { opens: 1, .. })
+        ));
         drop(h);
         tokio::task::spawn_blocking({
             let r = Arc::clone(&r);
@@ -669,7 +682,10 @@ mod tests {
         assert!(r.open().is_none(), "a secondary serves no I/O");
         assert_eq!(std::fs::read(tmp.path().join("r1.img")).unwrap(), expect);
         let c = r.counters();
-        assert_eq!(c.written_back.load(Ordering::Acquire), c.appended.load(Ordering::Acquire));
+        assert_eq!(
+            c.written_back.load(Ordering::Acquire),
+            c.appended.load(Ordering::Acquire)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -681,7 +697,10 @@ mod tests {
         let expect = write_many(&h, 24 << 20, 8).await;
         let peak = r.counters().overlay_peak.load(Ordering::Acquire);
         assert!(peak > 512 << 10, "the overlay was used ({peak} bytes)");
-        assert!(peak <= 1 << 20, "overlay holds {peak} bytes, more than its limit");
+        assert!(
+            peak <= 1 << 20,
+            "overlay holds {peak} bytes, more than its limit"
+        );
         assert_eq!(read_all(&h).await, expect);
     }
 
@@ -692,7 +711,11 @@ mod tests {
         let r = setup(tmp.path(), 512 << 10, 8 << 20, 2 << 20);
         let h = Arc::new(r.open().unwrap());
         let expect = write_many(&h, 20 << 20, 4).await;
-        assert!(r.log_bytes() <= 2 << 20, "log holds {} bytes", r.log_bytes());
+        assert!(
+            r.log_bytes() <= 2 << 20,
+            "log holds {} bytes",
+            r.log_bytes()
+        );
         assert_eq!(read_all(&h).await, expect);
         let first = r.store.first_pos().unwrap();
         assert!(first > 0, "old logfiles were deleted");
@@ -705,7 +728,10 @@ mod tests {
         let h = Arc::new(r.open().unwrap());
         let expect = write_many(&h, 3 << 20, 2).await;
         r.resize(32 << 20).await.unwrap();
-        assert!(matches!(r.resize(1 << 20).await, Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            r.resize(1 << 20).await,
+            Err(Error::InvalidArgument(_))
+        ));
         drop(h);
         let appended = r.counters().appended.load(Ordering::Acquire);
         tokio::task::spawn_blocking({
@@ -715,15 +741,28 @@ mod tests {
         .await
         .unwrap();
         drop(r);
-        let settings = Settings { node: "n1".into(), logfile_size: 1 << 20, overlay_limit: 8 << 20 };
+        let settings = Settings {
+            node: "n1".into(),
+            logfile_size: 1 << 20,
+            overlay_limit: 8 << 20,
+        };
         let dir = resource_dir(&tmp.path().join("root"), "r1");
-        let r = Resource::load(Arc::new(RealStorage), &dir, settings, Arc::new(LogQuota::new(1 << 30))).unwrap();
+        let r = Resource::load(
+            Arc::new(RealStorage),
+            &dir,
+            settings,
+            Arc::new(LogQuota::new(1 << 30)),
+        )
+        .unwrap();
         assert_eq!(r.meta().role, Role::Primary);
         assert_eq!(r.meta().size, 32 << 20);
         assert_eq!(r.counters().written_back.load(Ordering::Acquire), appended);
         let h = r.open().unwrap();
         assert_eq!(h.size(), 32 << 20);
         assert_eq!(&read_all(&h).await[..], &expect[..]);
-        assert_eq!(std::fs::metadata(tmp.path().join("r1.img")).unwrap().len(), 32 << 20);
+        assert_eq!(
+            std::fs::metadata(tmp.path().join("r1.img")).unwrap().len(),
+            32 << 20
+        );
     }
 }

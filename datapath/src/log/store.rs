@@ -74,8 +74,12 @@ impl LogStore {
             let n = f.read_at(&mut hb, 0).map_err(Error::io(&path))?;
             let header = match FileHeader::decode(&hb[..n]) {
                 Ok(h) => h,
-                Err(e) if n < FILE_HEADER_LEN && file_seq_is_last(&storage, dir, file_seq) => {
-                    // A logfile created but never completed by a crash: drop it.
+                Err(e)
+                    if f.size().map_err(Error::io(&path))? <= FILE_HEADER_LEN as u64
+                        && file_seq_is_last(&storage, dir, file_seq) =>
+                {
+                    // A logfile whose creation a crash interrupted (short or
+                    // unwritten header, no records): it never held data.
                     tracing::warn!(file = %path.display(), error = %e, "removing incomplete new logfile");
                     storage.remove_file(&path).map_err(Error::io(&path))?;
                     continue;
@@ -158,11 +162,11 @@ impl LogStore {
         self.files.lock().expect("log store lock").clone()
     }
 
-    /// Bytes the logfiles occupy.
+    /// Bytes of records in the logfiles (what the log quota counts).
     pub fn bytes(&self) -> u64 {
         self.files()
             .iter()
-            .map(|f| f.end_pos - f.header.start_pos + FILE_HEADER_LEN as u64)
+            .map(|f| f.end_pos - f.header.start_pos)
             .sum()
     }
 
@@ -238,7 +242,7 @@ impl LogStore {
     }
 
     /// Deletes logfiles that end at or before `pos`, never the newest one.
-    /// Returns how many bytes were freed.
+    /// Returns how many bytes of records were freed.
     pub fn delete_before(&self, pos: u64) -> Result<u64> {
         let doomed: Vec<LogFileInfo> = {
             let files = self.files.lock().expect("log store lock");
@@ -254,7 +258,7 @@ impl LogStore {
             self.storage
                 .remove_file(&f.path)
                 .map_err(Error::io(&f.path))?;
-            freed += f.end_pos - f.header.start_pos + FILE_HEADER_LEN as u64;
+            freed += f.end_pos - f.header.start_pos;
             tracing::info!(file = %f.path.display(), end = f.end_pos, "deleted logfile");
         }
         if !doomed.is_empty() {
@@ -493,7 +497,11 @@ mod tests {
     }
 
     fn record(seq: u64, len: usize) -> Record {
-        let payload = Bytes::from((0..len).map(|i| (i as u64 * 31 + seq) as u8).collect::<Vec<_>>());
+        let payload = Bytes::from(
+            (0..len)
+                .map(|i| (i as u64 * 31 + seq) as u8)
+                .collect::<Vec<_>>(),
+        );
         Record {
             header: RecordHeader {
                 kind: RecordKind::Write,
@@ -513,7 +521,12 @@ mod tests {
     fn write_log(dir: &Path, lens: &[usize]) -> (PathBuf, Vec<u64>) {
         let (store, rec) = LogStore::open(storage(), dir).unwrap();
         assert!(rec.is_none());
-        let header = FileHeader { file_seq: 1, start_pos: 1000, first_seq: 1, generation: 1 };
+        let header = FileHeader {
+            file_seq: 1,
+            start_pos: 1000,
+            first_seq: 1,
+            generation: 1,
+        };
         let mut app = store.create_file("n1", header).unwrap();
         let mut offsets = Vec::new();
         for (i, len) in lens.iter().enumerate() {
@@ -601,7 +614,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
         let store = Arc::new(store);
-        let mut app = store.create_file("n1", FileHeader { file_seq: 1, start_pos: 0, first_seq: 1, generation: 1 }).unwrap();
+        let mut app = store
+            .create_file(
+                "n1",
+                FileHeader {
+                    file_seq: 1,
+                    start_pos: 0,
+                    first_seq: 1,
+                    generation: 1,
+                },
+            )
+            .unwrap();
         let mut seq = 1;
         for file in 0..3u64 {
             for _ in 0..4 {
@@ -614,7 +637,12 @@ mod tests {
             }
             if file < 2 {
                 app.sync().unwrap();
-                let h = FileHeader { file_seq: file + 2, start_pos: app.end_pos(), first_seq: app.next_seq(), generation: 1 };
+                let h = FileHeader {
+                    file_seq: file + 2,
+                    start_pos: app.end_pos(),
+                    first_seq: app.next_seq(),
+                    generation: 1,
+                };
                 app = store.create_file("n1", h).unwrap();
             }
         }
@@ -634,27 +662,91 @@ mod tests {
         // Everything is "written back": all but the newest file go.
         store.delete_before(end).unwrap();
         assert_eq!(store.files().len(), 1);
-        assert!(matches!(store.cursor(0), Err(Error::PositionUnavailable { .. })));
+        assert!(matches!(
+            store.cursor(0),
+            Err(Error::PositionUnavailable { .. })
+        ));
     }
 
     #[test]
     fn a_missing_middle_logfile_is_a_gap_not_silently_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
-        let mut app = store.create_file("n1", FileHeader { file_seq: 1, start_pos: 0, first_seq: 1, generation: 1 }).unwrap();
+        let mut app = store
+            .create_file(
+                "n1",
+                FileHeader {
+                    file_seq: 1,
+                    start_pos: 0,
+                    first_seq: 1,
+                    generation: 1,
+                },
+            )
+            .unwrap();
         for f in 2..=3 {
             let r = record(f, 10);
             let mut buf = Vec::new();
-            encode_record(&RecordHeader { seq: app.next_seq(), ..r.header }, &r.payload, &mut buf);
+            encode_record(
+                &RecordHeader {
+                    seq: app.next_seq(),
+                    ..r.header
+                },
+                &r.payload,
+                &mut buf,
+            );
             app.append(&buf, 1).unwrap();
             store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
-            let h = FileHeader { file_seq: f, start_pos: app.end_pos(), first_seq: app.next_seq(), generation: 1 };
+            let h = FileHeader {
+                file_seq: f,
+                start_pos: app.end_pos(),
+                first_seq: app.next_seq(),
+                generation: 1,
+            };
             app = store.create_file("n1", h).unwrap();
         }
         std::fs::remove_file(tmp.path().join(file_name(2, "n1"))).unwrap();
         match LogStore::open(storage(), tmp.path()) {
             Err(Error::Gap { what, .. }) => assert!(what.contains("log-000000003-n1"), "{what}"),
             other => panic!("expected a gap, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_newest_logfile_with_an_unwritten_header_is_dropped_but_an_older_one_is_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        let app = store
+            .create_file(
+                "n1",
+                FileHeader {
+                    file_seq: 1,
+                    start_pos: 0,
+                    first_seq: 1,
+                    generation: 1,
+                },
+            )
+            .unwrap();
+        drop(app);
+        // A crash after the directory entry but before the header reached the disk.
+        std::fs::write(tmp.path().join(file_name(2, "n1")), [0u8; 64]).unwrap();
+        let (store, rec) = LogStore::open(storage(), tmp.path()).unwrap();
+        assert_eq!(rec.unwrap().next_file_seq, 2);
+        assert_eq!(store.files().len(), 1);
+        // The same damage in a file that is not the newest is corruption.
+        std::fs::write(tmp.path().join(file_name(1, "n1")), [0u8; 64]).unwrap();
+        std::fs::write(tmp.path().join(file_name(2, "n1")), [0u8; 64]).unwrap();
+        let header = FileHeader {
+            file_seq: 3,
+            start_pos: 0,
+            first_seq: 1,
+            generation: 1,
+        };
+        std::fs::write(tmp.path().join(file_name(3, "n1")), header.encode()).unwrap();
+        match LogStore::open(storage(), tmp.path()) {
+            Err(Error::Corruption { what, .. }) => {
+                assert!(what.contains("repeated byte 0x00"), "{what}")
+            }
+            other => panic!("expected corruption, got {:?}", other.map(|_| ())),
         }
     }
 }
