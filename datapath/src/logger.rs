@@ -78,8 +78,9 @@ pub(crate) enum LogReq {
         reply: oneshot::Sender<Result<(), IoError>>,
     },
     /// Start a new logfile (from `log-rotate`, or when the quota runs short).
+    /// Replies whether a new logfile was started (not if the current one is empty).
     Rotate {
-        reply: Option<oneshot::Sender<Result<(), IoError>>>,
+        reply: Option<oneshot::Sender<Result<bool, IoError>>>,
     },
 }
 
@@ -384,8 +385,9 @@ impl Logger {
             .map_err(|_| IoError::ShuttingDown(self.resource().into()))?
     }
 
-    /// Starts a new logfile.
-    pub async fn rotate(&self) -> Result<(), IoError> {
+    /// Starts a new logfile, unless the current one holds no record yet;
+    /// returns whether it did.
+    pub async fn rotate(&self) -> Result<bool, IoError> {
         let (reply, rx) = oneshot::channel();
         self.send(LogReq::Rotate { reply: Some(reply) })?;
         rx.await
@@ -550,9 +552,9 @@ fn log_loop(
                 LogReq::Rotate { reply } => {
                     commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
                     let res = if appender.file_bytes() > FILE_HEADER_LEN as u64 {
-                        rotate(&shared, &mut appender, &mut file_seq)
+                        rotate(&shared, &mut appender, &mut file_seq).map(|()| true)
                     } else {
-                        Ok(())
+                        Ok(false)
                     };
                     if let Some(r) = reply {
                         let _ = r.send(res);

@@ -54,6 +54,8 @@ pub struct Node {
     resources: RwLock<BTreeMap<String, Arc<Resource>>>,
     /// Resources that could not be loaded, with the reason (shown by `view`).
     broken: RwLock<BTreeMap<String, String>>,
+    /// Serialises create-resource, so that two with one name cannot both pass the checks.
+    create_lock: std::sync::Mutex<()>,
     _lock: std::fs::File,
 }
 
@@ -117,6 +119,7 @@ impl Node {
             storage,
             resources: RwLock::new(BTreeMap::new()),
             broken: RwLock::new(BTreeMap::new()),
+            create_lock: std::sync::Mutex::new(()),
             _lock: lock,
             cfg,
         };
@@ -135,6 +138,11 @@ impl Node {
 
     fn load_all(&self) -> std::io::Result<()> {
         for entry in self.storage.list_dir(&self.cfg.root)? {
+            if entry.starts_with(resource::DELETING_PREFIX) {
+                // A delete-resource that a crash interrupted: finish it.
+                self.storage.remove_dir_all(&self.cfg.root.join(&entry))?;
+                continue;
+            }
             let Some(name) = entry.strip_prefix("resource-") else {
                 continue;
             };
@@ -193,21 +201,24 @@ impl Node {
     }
 
     pub fn create_resource(&self, name: &str, path: &Path, size: u64) -> resource::Result<()> {
+        let _creating = self.create_lock.lock().expect("create lock");
         if self
             .resources
             .read()
             .expect("resources lock")
             .contains_key(name)
+            || self.broken.read().expect("broken lock").contains_key(name)
         {
             return Err(resource::Error::AlreadyExists(name.into()));
         }
+        let backing = self.check_backing(name, path)?;
         let r = Resource::create(
             Arc::clone(&self.storage),
             &self.cfg.root,
             self.settings(),
             Arc::clone(&self.quota),
             name,
-            path,
+            &backing,
             size,
         )?;
         self.resources
@@ -217,8 +228,52 @@ impl Node {
         Ok(())
     }
 
+    /// Resolves a backing path (following `.`, `..` and symlinks of its
+    /// directory) and refuses marsd's own files and another resource's device.
+    fn check_backing(&self, name: &str, path: &Path) -> resource::Result<PathBuf> {
+        let bad = |what: String| {
+            resource::Error::InvalidArgument(format!(
+                "backing path {} for resource {name}: {what}",
+                path.display()
+            ))
+        };
+        let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+            return Err(bad("not a file path".into()));
+        };
+        let dir = std::fs::canonicalize(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => bad("its directory does not exist".into()),
+            _ => bad(format!("its directory: {e}")),
+        })?;
+        let mut canon = dir.join(file);
+        if let Ok(target) = std::fs::canonicalize(&canon) {
+            canon = target;
+        }
+        let root = std::fs::canonicalize(&self.cfg.root).unwrap_or_else(|_| self.cfg.root.clone());
+        if canon.starts_with(&root) {
+            return Err(bad(format!(
+                "it is inside the state root {}: put volumes elsewhere",
+                root.display()
+            )));
+        }
+        let resources = self.resources.read().expect("resources lock");
+        if let Some(other) = resources.values().find(|r| r.meta().backing == canon) {
+            return Err(bad(format!(
+                "it is already the backing device of resource {}",
+                other.name()
+            )));
+        }
+        Ok(canon)
+    }
+
     /// Blocking (writes everything back first).
     pub fn delete_resource(&self, name: &str) -> resource::Result<()> {
+        if self.broken.read().expect("broken lock").contains_key(name) {
+            // A resource that failed to load (e.g. a delete cut short by a
+            // crash) can still be removed.
+            resource::remove_dir(&*self.storage, &self.cfg.root, name)?;
+            self.broken.write().expect("broken lock").remove(name);
+            return Ok(());
+        }
         let r = self.resource(name)?;
         r.delete()?;
         self.resources.write().expect("resources lock").remove(name);
@@ -241,19 +296,16 @@ impl Node {
 
     /// Status of one resource, or of all when `name` is empty.
     pub fn view(&self, name: &str) -> resource::Result<pb::ViewReply> {
-        let list: Vec<Arc<Resource>> = if name.is_empty() {
-            self.resources
-                .read()
-                .expect("resources lock")
-                .values()
-                .cloned()
-                .collect()
-        } else {
-            vec![self.resource(name)?]
-        };
-        let mut resources: Vec<pb::ResourceStatus> = list.iter().map(|r| self.status(r)).collect();
-        if name.is_empty() {
-            for (n, why) in self.broken.read().expect("broken lock").iter() {
+        let mut resources: Vec<pb::ResourceStatus> = self
+            .resources
+            .read()
+            .expect("resources lock")
+            .iter()
+            .filter(|(n, _)| name.is_empty() || n.as_str() == name)
+            .map(|(_, r)| self.status(r))
+            .collect();
+        for (n, why) in self.broken.read().expect("broken lock").iter() {
+            if name.is_empty() || n == name {
                 resources.push(pb::ResourceStatus {
                     name: n.clone(),
                     role: "none".into(),
@@ -263,8 +315,11 @@ impl Node {
                     ..Default::default()
                 });
             }
-            resources.sort_by(|a, b| a.name.cmp(&b.name));
         }
+        if resources.is_empty() && !name.is_empty() {
+            return Err(resource::Error::NotFound(name.into()));
+        }
+        resources.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(pb::ViewReply {
             node: self.cfg.node.clone(),
             resources,

@@ -103,6 +103,9 @@ pub struct Settings {
 }
 
 const META_FILE: &str = "resource.json";
+/// A resource directory being deleted is first renamed to this prefix, so
+/// that a crash in the middle leaves nothing that looks like a resource.
+pub const DELETING_PREFIX: &str = ".deleting-resource-";
 const POSITION_FILE: &str = "written-back.json";
 
 pub fn resource_dir(root: &Path, name: &str) -> PathBuf {
@@ -142,6 +145,9 @@ pub struct Resource {
     counters: Arc<Counters>,
     state: Mutex<State>,
     opens: AtomicUsize,
+    /// Held across a whole role change (which may wait for writeback), so
+    /// that role changes, delete and shutdown never overlap.
+    role_change: Mutex<()>,
 }
 
 impl Resource {
@@ -288,6 +294,7 @@ impl Resource {
             counters: Arc::new(Counters::default()),
             state: Mutex::new(State { meta, logger: None }),
             opens: AtomicUsize::new(0),
+            role_change: Mutex::new(()),
         });
         res.replay()?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {
@@ -436,6 +443,7 @@ impl Resource {
 
     /// Makes this node primary (a new generation). Idempotent.
     pub fn make_primary(&self) -> Result<()> {
+        let _changing = self.role_change.lock().expect("role lock");
         {
             let mut st = self.state.lock().expect("state lock");
             if st.meta.role == Role::Primary && st.logger.is_some() {
@@ -452,6 +460,11 @@ impl Resource {
     /// Gives up the primary role: refuses while the volume is open; else
     /// stops I/O and writes everything back. Blocking. Idempotent.
     pub fn make_secondary(&self) -> Result<()> {
+        let _changing = self.role_change.lock().expect("role lock");
+        self.secondary_locked()
+    }
+
+    fn secondary_locked(&self) -> Result<()> {
         let logger = {
             let mut st = self.state.lock().expect("state lock");
             let opens = self.opens();
@@ -475,6 +488,7 @@ impl Resource {
     /// Stops I/O for a daemon shutdown, writing back what fits before the
     /// deadline (the rest stays in the log). The role stays as it is.
     pub fn shutdown(&self, deadline: Instant) {
+        let _changing = self.role_change.lock().expect("role lock");
         let logger = self.state.lock().expect("state lock").logger.take();
         if let Some(l) = logger {
             l.stop(Some(deadline));
@@ -494,18 +508,28 @@ impl Resource {
         if size == current {
             return Ok(());
         }
+        let backing_err = |source| Error::Backing {
+            resource: self.name.clone(),
+            path: self.meta().backing,
+            source,
+        };
+        let have = self.backing.size().map_err(backing_err)?;
         if self.backing.is_block_device() {
-            let have = self.backing.size().map_err(|source| Error::Backing {
-                resource: self.name.clone(),
-                path: self.meta().backing,
-                source,
-            })?;
             if have < size {
                 return Err(Error::InvalidArgument(format!(
                     "backing block device of {} has only {have} bytes: grow it (e.g. lvextend) before resizing to {size}",
                     self.name
                 )));
             }
+        } else if have < size {
+            // Grow the file before the resize is logged: a size the file
+            // cannot reach must be refused now, not fail in writeback later.
+            self.backing.set_len(size).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot grow the backing file of {} to {size} bytes: {e}",
+                    self.name
+                ))
+            })?;
         }
         logger.resize(size).await?;
         let mut st = self.state.lock().expect("state lock");
@@ -515,7 +539,8 @@ impl Resource {
         Ok(())
     }
 
-    pub async fn log_rotate(&self) -> Result<()> {
+    /// Starts a new logfile; `false` if the current one is still empty.
+    pub async fn log_rotate(&self) -> Result<bool> {
         let logger = self.primary_logger(": log-rotate on the primary")?;
         Ok(logger.rotate().await?)
     }
@@ -531,19 +556,37 @@ impl Resource {
     /// Removes the resource from this node: writes everything back first and
     /// keeps the backing device (it holds the volume). Refuses while open.
     pub fn delete(&self) -> Result<()> {
-        self.make_secondary()?;
+        let _changing = self.role_change.lock().expect("role lock");
+        self.secondary_locked()?;
         let freed = self.store.bytes();
-        self.storage
-            .remove_dir_all(&self.dir)
-            .map_err(|source| Error::Io {
-                resource: self.name.clone(),
-                what: "removing the resource directory",
-                source,
-            })?;
+        let root = self.dir.parent().unwrap_or(Path::new("/"));
+        remove_dir(&*self.storage, root, &self.name)?;
         self.quota.release(freed);
         tracing::info!(resource = %self.name, "deleted resource (backing device kept)");
         Ok(())
     }
+}
+
+/// Removes a resource directory crash-safely: rename it out of the way
+/// (durably), then delete it.
+pub fn remove_dir(storage: &dyn Storage, root: &Path, name: &str) -> Result<()> {
+    let io = |what| {
+        move |source| Error::Io {
+            resource: name.into(),
+            what,
+            source,
+        }
+    };
+    let doomed = root.join(format!("{DELETING_PREFIX}{name}"));
+    storage
+        .rename(&resource_dir(root, name), &doomed)
+        .map_err(io("renaming the resource directory for deletion"))?;
+    storage
+        .sync_dir(root)
+        .map_err(io("syncing the state root"))?;
+    storage
+        .remove_dir_all(&doomed)
+        .map_err(io("removing the resource directory"))
 }
 
 fn write_meta(storage: &dyn Storage, dir: &Path, meta: &Meta) -> Result<()> {

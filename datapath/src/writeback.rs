@@ -15,7 +15,9 @@ use crate::logger::{Pending, Shared};
 const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 /// ... or after this many bytes.
 const PERSIST_BYTES: u64 = 64 << 20;
+/// One batch between checks of the queue and of a shutdown deadline.
 const BATCH_RECORDS: usize = 1024;
+const BATCH_BYTES: u64 = 16 << 20;
 
 pub(crate) fn run(shared: Arc<Shared>) {
     let resource = shared.cfg.resource.clone();
@@ -26,7 +28,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut persisted = written.pos;
     let mut last_persist = Instant::now();
     loop {
-        let (batch, stopping) = {
+        let batch = {
             let mut wb = shared.wb.lock().expect("wb lock");
             loop {
                 let flushed = shared.flushed();
@@ -58,18 +60,20 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             let flushed = shared.flushed();
             let mut batch: Vec<Pending> = Vec::new();
-            while batch.len() < BATCH_RECORDS {
+            let mut bytes = 0;
+            while batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
                 match wb.queue.front() {
                     Some(p) if p.end() <= flushed => {
+                        bytes += p.record.header.encoded_len();
                         batch.push(wb.queue.pop_front().expect("front exists"))
                     }
                     _ => break,
                 }
             }
-            (batch, wb.stop.is_some())
+            batch
         };
         for p in batch {
-            if !apply_with_retry(&shared, &p, &resource, stopping) {
+            if !apply_with_retry(&shared, &p, &resource) {
                 // Shutting down with a failing device: the rest stays in the log.
                 persist(&shared, &mut written, &mut persisted, &resource);
                 return;
@@ -103,7 +107,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 
 /// Writing back must not skip a record: on error, retry (the overlay keeps
 /// serving reads meanwhile) and report the error in `view`.
-fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str, stopping: bool) -> bool {
+fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str) -> bool {
     let mut delay = Duration::from_millis(100);
     loop {
         match apply_record(&*shared.backing, &shared.cfg.backing_path, p.pos, &p.record) {
@@ -114,7 +118,8 @@ fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str, stopping: bool
             Err(e) => {
                 tracing::error!(%resource, pos = p.pos, error = %e, "writeback failed; retrying");
                 *shared.wb_error.lock().expect("wb error lock") = Some(e.to_string());
-                if stopping && delay > Duration::from_secs(2) {
+                let deadline = shared.wb.lock().expect("wb lock").stop;
+                if deadline.is_some_and(|d| Instant::now() + delay >= d) {
                     // Leave it in the log: the next start replays it.
                     return false;
                 }

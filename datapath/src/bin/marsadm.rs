@@ -219,7 +219,7 @@ fn table(v: &pb::ViewReply) -> String {
         .to_vec(),
     ];
     for r in &v.resources {
-        let log = r.log.clone().unwrap_or_default();
+        let log = r.log.unwrap_or_default();
         rows.push(vec![
             r.name.clone(),
             r.role.clone(),

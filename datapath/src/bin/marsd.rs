@@ -148,17 +148,17 @@ async fn run(args: Args) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    // Stop taking I/O first, then write back what fits, then close the API.
+    // Stop taking I/O and commands first, then write back what fits.
     if let Some(t) = nbd_task {
         t.abort();
         let _ = t.await;
     }
     peer_task.abort();
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     let deadline = Instant::now() + SHUTDOWN_WRITEBACK;
     let n = Arc::clone(&node);
     tokio::task::spawn_blocking(move || n.shutdown(deadline)).await?;
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     let _ = std::fs::remove_file(&sock);
     tracing::info!("marsd stopped");
     Ok(())

@@ -22,10 +22,9 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotPrimary { .. } | Error::InUse { .. } => Code::FailedPrecondition,
-            Error::Backing { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Code::InvalidArgument
-            }
-            Error::Backing { .. } | Error::Io { .. } => Code::Internal,
+            // The backing path is the user's input: a bad one is refused, not "internal".
+            Error::Backing { .. } => Code::FailedPrecondition,
+            Error::Io { .. } => Code::Internal,
             Error::Log {
                 source: crate::log::Error::Corruption { .. },
                 ..

@@ -98,8 +98,13 @@ impl Marsd for Service {
         req: Request<pb::ResourceRequest>,
     ) -> Result<Response<pb::Reply>, Status> {
         let name = req.into_inner().name;
-        self.node.resource(&name)?.log_rotate().await?;
-        reply(format!("{name}: started a new logfile"))
+        if self.node.resource(&name)?.log_rotate().await? {
+            reply(format!("{name}: started a new logfile"))
+        } else {
+            reply(format!(
+                "{name}: the current logfile holds no record yet; no new logfile"
+            ))
+        }
     }
 
     async fn log_delete(

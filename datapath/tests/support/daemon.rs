@@ -308,7 +308,8 @@ impl Daemon {
     /// `marsadm view --json`, parsed.
     pub fn view_json(&self) -> Value {
         let text = self.marsadm_ok(&["view", "--json"]);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("view --json is not JSON ({e}): {text}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("view --json is not JSON ({e}): {text}"))
     }
 
     /// The `view --json` entry of resource `name`.
