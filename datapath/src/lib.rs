@@ -3,14 +3,19 @@
 //! replays logs in order, frontends (NBD), and the control API of `marsd`.
 
 pub mod applicator;
+pub mod cluster;
+mod cluster_ops;
 pub mod control;
 pub mod frontend;
 pub mod log;
 pub mod logger;
+pub mod membership;
 pub mod node;
 pub mod overlay;
 pub mod quota;
+pub mod replication;
 pub mod resource;
+pub mod secondary;
 pub mod size;
 pub mod storage;
 mod writeback;

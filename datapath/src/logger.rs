@@ -33,7 +33,7 @@ use crate::writeback;
 
 /// Progress counters of one resource, in log positions. Read by `view`
 /// (and later by `/metrics`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// End of the last record appended to the log.
     pub appended: AtomicU64,
@@ -45,6 +45,31 @@ pub struct Counters {
     pub overlay_bytes: AtomicU64,
     /// The most the overlay ever held.
     pub overlay_peak: AtomicU64,
+    /// Other replicas still need the log from this position on: logfiles
+    /// are deleted only before it (`u64::MAX`: no other replica).
+    pub delete_floor: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            appended: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            written_back: AtomicU64::new(0),
+            overlay_bytes: AtomicU64::new(0),
+            overlay_peak: AtomicU64::new(0),
+            delete_floor: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Counters {
+    /// Where logfile deletion may go up to, given what is written back here.
+    pub fn deletable_before(&self) -> u64 {
+        self.written_back
+            .load(Ordering::Acquire)
+            .min(self.delete_floor.load(Ordering::Acquire))
+    }
 }
 
 /// Settings of one logger.

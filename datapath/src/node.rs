@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use crate::cluster::Cluster;
 use crate::control::pb;
 use crate::frontend::ExportTable;
 use crate::quota::{self, LogQuota};
@@ -45,17 +46,22 @@ pub struct NodeConfig {
     pub overlay_limit: u64,
     /// `None`: 16 GiB or half the free space of the root, whichever is smaller.
     pub log_quota: Option<u64>,
+    /// Where peers reach this node's replication port.
+    pub advertise: String,
 }
 
 pub struct Node {
-    cfg: NodeConfig,
-    storage: Arc<dyn Storage>,
-    quota: Arc<LogQuota>,
-    resources: RwLock<BTreeMap<String, Arc<Resource>>>,
+    pub(crate) cfg: NodeConfig,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) quota: Arc<LogQuota>,
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) resources: RwLock<BTreeMap<String, Arc<Resource>>>,
     /// Resources that could not be loaded, with the reason (shown by `view`).
     broken: RwLock<BTreeMap<String, String>>,
     /// Serialises create-resource, so that two with one name cannot both pass the checks.
-    create_lock: std::sync::Mutex<()>,
+    pub(crate) create_lock: std::sync::Mutex<()>,
+    /// Set once shutdown began: nothing is restarted any more.
+    pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     _lock: std::fs::File,
 }
 
@@ -114,12 +120,16 @@ impl Node {
                     .map_err(io("reading free space"))?,
             ),
         };
+        let cluster = Cluster::open(Arc::clone(&storage), &root, &cfg.node, &cfg.advertise)
+            .map_err(io("reading the cluster state"))?;
         let node = Node {
+            cluster: Arc::new(cluster),
             quota: Arc::new(LogQuota::new(limit)),
             storage,
             resources: RwLock::new(BTreeMap::new()),
             broken: RwLock::new(BTreeMap::new()),
             create_lock: std::sync::Mutex::new(()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
             cfg,
         };
@@ -128,7 +138,18 @@ impl Node {
         Ok(node)
     }
 
-    fn settings(&self) -> Settings {
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// The resource and its logger, if this node is its primary.
+    pub fn primary_of(&self, name: &str) -> Option<(Arc<Resource>, Arc<crate::logger::Logger>)> {
+        let r = self.resource(name).ok()?;
+        let l = r.logger()?;
+        Some((r, l))
+    }
+
+    pub(crate) fn settings(&self) -> Settings {
         Settings {
             node: self.cfg.node.clone(),
             logfile_size: self.cfg.logfile_size,
@@ -220,6 +241,7 @@ impl Node {
             name,
             &backing,
             size,
+            None,
         )?;
         self.resources
             .write()
@@ -230,7 +252,7 @@ impl Node {
 
     /// Resolves a backing path (following `.`, `..` and symlinks of its
     /// directory) and refuses marsd's own files and another resource's device.
-    fn check_backing(&self, name: &str, path: &Path) -> resource::Result<PathBuf> {
+    pub(crate) fn check_backing(&self, name: &str, path: &Path) -> resource::Result<PathBuf> {
         let bad = |what: String| {
             resource::Error::InvalidArgument(format!(
                 "backing path {} for resource {name}: {what}",
@@ -275,13 +297,36 @@ impl Node {
             return Ok(());
         }
         let r = self.resource(name)?;
+        let others: Vec<String> = self
+            .cluster
+            .state()
+            .resource(name)
+            .map(|s| {
+                s.replicas()
+                    .filter(|(n, _)| **n != self.cfg.node)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !others.is_empty() {
+            return Err(resource::Error::Cluster(format!(
+                "{name} has replicas on {}: run leave-resource there first",
+                others.join(", ")
+            )));
+        }
         r.delete()?;
         self.resources.write().expect("resources lock").remove(name);
+        self.cluster.update(true, |m| {
+            m.set_replica(name, None);
+            m.set_primary(name, None);
+            m.set_config(name, None);
+        });
         Ok(())
     }
 
     /// Stops every resource, writing back what fits before `deadline`.
     pub fn shutdown(&self, deadline: Instant) {
+        self.shutting_down.store(true, Ordering::Release);
         let all: Vec<_> = self
             .resources
             .read()
@@ -330,10 +375,11 @@ impl Node {
         let meta = r.meta();
         let c = r.counters();
         let appended = c.appended.load(Ordering::Acquire);
+        let flushed = c.flushed.load(Ordering::Acquire);
         let written_back = c.written_back.load(Ordering::Acquire);
         let logger = r.logger();
-        let primary = logger.is_some();
-        let role = if primary {
+        let primary_here = logger.is_some();
+        let role = if primary_here {
             Role::Primary
         } else {
             Role::Secondary
@@ -343,40 +389,107 @@ impl Node {
             .map_or(meta.size, |l| crate::frontend::BlockIo::size(&**l));
         let log = pb::LogCounters {
             appended,
-            flushed: c.flushed.load(Ordering::Acquire),
+            flushed,
             written_back,
-            // Locally the log is its own source: everything appended is "fetched",
-            // and what is on the device is "applied".
-            fetched: appended,
+            // On a primary its own log is the source: what is durable counts as
+            // fetched, what is on the device as applied. On a secondary: the
+            // durable local copy, and what the applier has replayed.
+            fetched: flushed,
             applied: written_back,
         };
-        let me = pb::ReplicaStatus {
+        let state = self.cluster.state();
+        let rstate = state.resource(r.name());
+        let primary_node = rstate.and_then(|s| s.primary()).map(|p| p.node.clone());
+        let primary_end = rstate
+            .and_then(|s| {
+                primary_node
+                    .as_ref()
+                    .and_then(|p| s.replicas().find(|(n, _)| *n == p))
+            })
+            .map(|(_, i)| i.fetched)
+            .unwrap_or(0)
+            .max(if primary_here { flushed } else { 0 });
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let progress = r
+            .sync_progress
+            .lock()
+            .expect("progress lock")
+            .map(|(done, total, t)| {
+                let rate = done as f64 / t.elapsed().as_secs_f64().max(0.001);
+                (
+                    done as f64 / total.max(1) as f64,
+                    rate as u64,
+                    (total - done) as f64 / rate.max(1.0),
+                )
+            });
+        let mut replicas = vec![pb::ReplicaStatus {
             node: self.cfg.node.clone(),
             role: role.as_str().into(),
-            disk_state: "UpToDate".into(),
+            disk_state: meta.disk_state.as_str().into(),
             connected: true,
-            fetched: appended,
+            fetched: flushed,
             applied: written_back,
-            lag_bytes: 0,
+            lag_bytes: primary_end.saturating_sub(written_back),
             lag_seconds: 0.0,
-        };
+            sync_progress: progress.map(|p| p.0),
+            sync_rate_bytes: progress.map(|p| p.1),
+            eta_seconds: progress.map(|p| p.2),
+        }];
+        for (node, info) in rstate.into_iter().flat_map(|s| s.replicas()) {
+            if *node == self.cfg.node {
+                continue;
+            }
+            let lag_bytes = primary_end.saturating_sub(info.applied);
+            let is_primary = primary_node.as_deref() == Some(node.as_str());
+            replicas.push(pb::ReplicaStatus {
+                node: node.clone(),
+                role: if is_primary { "primary" } else { "secondary" }.into(),
+                disk_state: info.disk_state.clone(),
+                connected: self.cluster.connected(node),
+                fetched: info.fetched,
+                applied: info.applied,
+                lag_bytes,
+                lag_seconds: if lag_bytes == 0 {
+                    0.0
+                } else {
+                    (now - info.caught_up_at).max(0.0)
+                },
+                sync_progress: info.sync_progress,
+                sync_rate_bytes: info.sync_rate_bytes,
+                eta_seconds: info
+                    .sync_progress
+                    .zip(info.sync_rate_bytes)
+                    .map(|(p, rate)| (1.0 - p) * meta.size as f64 / (rate.max(1)) as f64),
+            });
+        }
+        if !primary_here && replicas[0].lag_bytes > 0 {
+            let me = rstate
+                .and_then(|s| s.replicas().find(|(n, _)| **n == self.cfg.node))
+                .map(|(_, i)| i.caught_up_at);
+            replicas[0].lag_seconds = me.map_or(0.0, |t| (now - t).max(0.0));
+        }
+        let error = r
+            .writeback_error()
+            .map(|e| format!("writeback failing: {e}"))
+            .or_else(|| r.repl_error.lock().expect("error lock").clone());
         pb::ResourceStatus {
             name: r.name().into(),
             size,
             role: role.as_str().into(),
-            disk_state: "UpToDate".into(),
-            primary: primary.then(|| self.cfg.node.clone()),
+            disk_state: meta.disk_state.as_str().into(),
+            primary: primary_node,
             generation: meta.generation,
             split_brain: false,
             emergency: false,
             log: Some(log),
-            replicas: vec![me],
+            replicas,
             backing: meta.backing.display().to_string(),
             log_bytes: r.log_bytes(),
             open_count: r.opens() as u32,
-            error: r
-                .writeback_error()
-                .map(|e| format!("writeback failing: {e}")),
+            error,
         }
     }
 }

@@ -62,6 +62,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Volume(#[from] IoError),
+    /// A cluster operation was refused or a peer could not be reached.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -92,6 +95,53 @@ pub struct Meta {
     pub role: Role,
     /// The primary period: bumped each time this node becomes primary.
     pub generation: u64,
+    #[serde(default)]
+    pub disk_state: DiskState,
+    /// Set while a full sync runs (or its replay has not passed its end).
+    #[serde(default)]
+    pub sync: Option<SyncMeta>,
+}
+
+/// Where a joining replica starts: the primary's log position when its full
+/// sync began, and the primary's generation.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinPoint {
+    pub start_pos: u64,
+    pub generation: u64,
+}
+
+/// The state of this replica's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DiskState {
+    /// Consistent and following the current history (it may lag).
+    #[default]
+    UpToDate,
+    /// A full sync is in progress: not usable.
+    Inconsistent,
+    /// Consistent but unable to follow; needs a full sync.
+    Outdated,
+    /// No backing device.
+    Detached,
+}
+
+impl DiskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::UpToDate => "UpToDate",
+            DiskState::Inconsistent => "Inconsistent",
+            DiskState::Outdated => "Outdated",
+            DiskState::Detached => "Detached",
+        }
+    }
+}
+
+/// A full sync of this replica: it started at log position `start_pos`;
+/// once the copy is done, `target` is the primary's log position at its end,
+/// which replay must pass before the replica is UpToDate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncMeta {
+    pub start_pos: u64,
+    pub target: Option<u64>,
 }
 
 /// Settings every resource of a node shares.
@@ -103,6 +153,9 @@ pub struct Settings {
 }
 
 const META_FILE: &str = "resource.json";
+/// How long a full sync's start position is kept without the replica's
+/// own entry confirming it.
+const PIN_TIME: std::time::Duration = std::time::Duration::from_secs(120);
 /// A resource directory being deleted is first renamed to this prefix, so
 /// that a crash in the middle leaves nothing that looks like a resource.
 pub const DELETING_PREFIX: &str = ".deleting-resource-";
@@ -148,6 +201,15 @@ pub struct Resource {
     /// Held across a whole role change (which may wait for writeback), so
     /// that role changes, delete and shutdown never overlap.
     role_change: Mutex<()>,
+    /// While secondary: the fetcher, full sync and applier.
+    pub(crate) secondary: Mutex<Option<crate::secondary::Runtime>>,
+    /// Log positions promised to replicas that are starting a full sync,
+    /// until their own entry reaches us: logfiles from there on are kept.
+    pins: Mutex<Vec<(String, u64, Instant)>>,
+    /// Why replication of this resource is degraded right now, for `view`.
+    pub(crate) repl_error: Mutex<Option<String>>,
+    /// Full sync progress: bytes done, total bytes, start time.
+    pub(crate) sync_progress: Mutex<Option<(u64, u64, Instant)>>,
 }
 
 impl Resource {
@@ -159,6 +221,7 @@ impl Resource {
     }
 
     /// Creates a new resource with this node as primary.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         storage: Arc<dyn Storage>,
         root: &Path,
@@ -167,6 +230,7 @@ impl Resource {
         name: &str,
         backing: &Path,
         size: u64,
+        join: Option<JoinPoint>,
     ) -> Result<Arc<Resource>> {
         validate_name(name)?;
         if size == 0 {
@@ -227,12 +291,33 @@ impl Resource {
             name: name.into(),
             size,
             backing: backing.into(),
-            role: Role::Primary,
-            generation: 1,
+            role: if join.is_some() {
+                Role::Secondary
+            } else {
+                Role::Primary
+            },
+            generation: join.map_or(1, |j| j.generation),
+            disk_state: if join.is_some() {
+                DiskState::Inconsistent
+            } else {
+                DiskState::UpToDate
+            },
+            sync: join.map(|j| SyncMeta {
+                start_pos: j.start_pos,
+                target: None,
+            }),
         };
-        Position {
-            pos: 0,
-            next_seq: 1,
+        // A joining replica applies the log from where its full sync starts;
+        // the sequence number there is learnt from the first record.
+        match join {
+            Some(j) => Position {
+                pos: j.start_pos,
+                next_seq: 0,
+            },
+            None => Position {
+                pos: 0,
+                next_seq: 1,
+            },
         }
         .store(&*storage, &dir.join(POSITION_FILE))
         .map_err(|source| Error::Apply {
@@ -295,6 +380,10 @@ impl Resource {
             state: Mutex::new(State { meta, logger: None }),
             opens: AtomicUsize::new(0),
             role_change: Mutex::new(()),
+            secondary: Mutex::new(None),
+            pins: Mutex::new(Vec::new()),
+            repl_error: Mutex::new(None),
+            sync_progress: Mutex::new(None),
         });
         res.replay()?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {
@@ -398,6 +487,54 @@ impl Resource {
         &self.name
     }
 
+    pub(crate) fn store(&self) -> &Arc<LogStore> {
+        &self.store
+    }
+
+    pub(crate) fn backing(&self) -> &Arc<dyn File> {
+        &self.backing
+    }
+
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub(crate) fn quota(&self) -> &Arc<LogQuota> {
+        &self.quota
+    }
+
+    pub(crate) fn position_path(&self) -> PathBuf {
+        self.dir.join(POSITION_FILE)
+    }
+
+    /// Changes and persists the metadata.
+    pub(crate) fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> Result<()> {
+        let mut st = self.state.lock().expect("state lock");
+        f(&mut st.meta);
+        write_meta(&*self.storage, &self.dir, &st.meta)
+    }
+
+    /// Keeps the log from `pos` on for `node`, which starts a full sync.
+    pub(crate) fn pin(&self, node: &str, pos: u64) {
+        let mut pins = self.pins.lock().expect("pins lock");
+        pins.retain(|(n, _, t)| n != node && t.elapsed() < PIN_TIME);
+        pins.push((node.to_string(), pos, Instant::now()));
+    }
+
+    /// Sets where log deletion must stop for the other replicas: the
+    /// lowest position any of them (or a pending full sync) still needs.
+    pub(crate) fn set_delete_floor(&self, replicas_need: Option<u64>) {
+        let mut pins = self.pins.lock().expect("pins lock");
+        pins.retain(|(_, _, t)| t.elapsed() < PIN_TIME);
+        let floor = pins
+            .iter()
+            .map(|(_, p, _)| *p)
+            .chain(replicas_need)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.counters.delete_floor.store(floor, Ordering::Release);
+    }
+
     pub fn meta(&self) -> Meta {
         self.state.lock().expect("state lock").meta.clone()
     }
@@ -442,15 +579,37 @@ impl Resource {
     }
 
     /// Makes this node primary (a new generation). Idempotent.
-    pub fn make_primary(&self) -> Result<()> {
+    /// `at_least` is the lowest generation the new period may have (one
+    /// past the highest the cluster knows).
+    pub fn make_primary(&self, at_least: u64) -> Result<()> {
         let _changing = self.role_change.lock().expect("role lock");
+        if self.state.lock().expect("state lock").meta.disk_state != DiskState::UpToDate {
+            return Err(Error::Cluster(format!(
+                "{} is {} on this node: only an UpToDate replica can become primary",
+                self.name,
+                self.meta().disk_state.as_str()
+            )));
+        }
+        // A secondary stops fetching and applying first: the device must
+        // hold everything up to the end of the local log.
+        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
         {
             let mut st = self.state.lock().expect("state lock");
             if st.meta.role == Role::Primary && st.logger.is_some() {
                 return Ok(());
             }
+            let applied = self.counters.written_back.load(Ordering::Acquire);
+            let end = self.store.files().last().map_or(applied, |f| f.end_pos);
+            if applied < end {
+                return Err(Error::Cluster(format!(
+                    "{}: this replica has applied up to {applied} of its log, which reaches {end}: retry when it has caught up",
+                    self.name
+                )));
+            }
             st.meta.role = Role::Primary;
-            st.meta.generation += 1;
+            st.meta.generation = (st.meta.generation + 1).max(at_least);
             write_meta(&*self.storage, &self.dir, &st.meta)?;
             tracing::info!(resource = %self.name, generation = st.meta.generation, "became primary");
         }
@@ -465,6 +624,9 @@ impl Resource {
     }
 
     fn secondary_locked(&self) -> Result<()> {
+        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
         let logger = {
             let mut st = self.state.lock().expect("state lock");
             let opens = self.opens();
@@ -489,6 +651,9 @@ impl Resource {
     /// deadline (the rest stays in the log). The role stays as it is.
     pub fn shutdown(&self, deadline: Instant) {
         let _changing = self.role_change.lock().expect("role lock");
+        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
         let logger = self.state.lock().expect("state lock").logger.take();
         if let Some(l) = logger {
             l.stop(Some(deadline));
@@ -545,9 +710,10 @@ impl Resource {
         Ok(logger.rotate().await?)
     }
 
-    /// Deletes logfiles that are written back. Returns bytes freed.
+    /// Deletes logfiles that are written back here and applied by every
+    /// other replica. Returns bytes freed.
     pub fn log_delete(&self) -> Result<u64> {
-        let pos = self.counters.written_back.load(Ordering::Acquire);
+        let pos = self.counters.deletable_before();
         let freed = self.store.delete_before(pos).map_err(self.err_log())?;
         self.quota.release(freed);
         Ok(freed)
@@ -649,6 +815,7 @@ mod tests {
             "r1",
             &tmp.join("r1.img"),
             16 << 20,
+            None,
         )
         .unwrap()
     }

@@ -149,7 +149,10 @@ fn persist(shared: &Shared, written: &mut Position, persisted: &mut u64, resourc
         .counters
         .written_back
         .store(written.pos, Ordering::Release);
-    match shared.store.delete_before(written.pos) {
+    match shared
+        .store
+        .delete_before(shared.counters.deletable_before())
+    {
         Ok(freed) => shared.quota.release(freed),
         Err(e) => tracing::warn!(%resource, error = %e, "deleting written-back logfiles failed"),
     }

@@ -58,6 +58,7 @@ async fn a_full_state_root_fails_writes_cleanly_and_recovers_when_space_is_freed
         "r1",
         &tmp.path().join("r1.img"),
         8 << 20,
+        None,
     )
     .unwrap();
     let h = r.open().unwrap();

@@ -57,6 +57,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make this (fresh) node a member of the cluster of the node at PEER (ADDR:PORT).
+    JoinCluster { peer: String },
+    /// Add a replica of cluster resource NAME on backing PATH here and start its full sync.
+    JoinResource { name: String, path: PathBuf },
+    /// Remove this node's secondary replica of NAME (the backing device is kept).
+    LeaveResource { name: String },
+    /// Wait until every replica of NAME is UpToDate and has applied all the
+    /// primary had logged when the command started.
+    Wait {
+        name: String,
+        /// Give up after this many seconds (exit 1, naming the replicas behind).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
 }
 
 /// A failure with its exit code.
@@ -172,6 +186,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?
         }
+        Command::JoinCluster { peer } => {
+            c.join_cluster(pb::JoinClusterRequest { addr: peer })
+                .await?
+        }
+        Command::JoinResource { name, path } => {
+            let path = absolute(&path)?.display().to_string();
+            c.join_resource(pb::JoinResourceRequest { name, path })
+                .await?
+        }
+        Command::LeaveResource { name } => c.leave_resource(pb::ResourceRequest { name }).await?,
+        Command::Wait { name, timeout } => return wait(&mut c, &name, timeout).await,
         Command::LogRotate { name } => c.log_rotate(pb::ResourceRequest { name }).await?,
         Command::LogDelete { name } => c.log_delete(pb::ResourceRequest { name }).await?,
         Command::View { name, json } => {
@@ -275,4 +300,76 @@ fn table(v: &pb::ViewReply) -> String {
         out.push_str("(no resources)\n");
     }
     out
+}
+
+/// Polls `view` until every replica is UpToDate and has applied what the
+/// primary had logged when the wait began.
+async fn wait(
+    c: &mut pb::marsd_client::MarsdClient<tonic::transport::Channel>,
+    name: &str,
+    timeout: Option<f64>,
+) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let started = std::time::Instant::now();
+    let view = |c: &mut pb::marsd_client::MarsdClient<tonic::transport::Channel>| {
+        let req = pb::ViewRequest {
+            name: name.to_string(),
+        };
+        let mut c = c.clone();
+        async move { c.view(req).await.map(|r| r.into_inner()) }
+    };
+    let first = view(c).await?;
+    let r = first.resources.first().ok_or_else(|| Failure {
+        code: 1,
+        message: format!("resource {name} not found"),
+    })?;
+    let primary = r.primary.clone().ok_or_else(|| Failure {
+        code: 1,
+        message: format!("{name} has no primary"),
+    })?;
+    let target = r
+        .replicas
+        .iter()
+        .find(|x| x.node == primary)
+        .map_or(0, |x| x.fetched);
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        let v = view(c).await?;
+        let r = v.resources.first().ok_or_else(|| Failure {
+            code: 1,
+            message: format!("resource {name} not found"),
+        })?;
+        let behind: Vec<String> = r
+            .replicas
+            .iter()
+            .filter(|x| x.disk_state != "UpToDate" || x.applied < target)
+            .map(|x| {
+                let pct = x
+                    .sync_progress
+                    .map(|p| format!(", sync {:.0}%", p * 100.0))
+                    .unwrap_or_default();
+                format!(
+                    "{} ({}, applied {} of {target}{pct})",
+                    x.node, x.disk_state, x.applied
+                )
+            })
+            .collect();
+        if behind.is_empty() {
+            if tty {
+                eprintln!();
+            }
+            println!("{name}: every replica is UpToDate at log position {target} or later");
+            return Ok(());
+        }
+        if timeout.is_some_and(|t| started.elapsed().as_secs_f64() >= t) {
+            return Err(Failure {
+                code: 1,
+                message: format!("{name}: timed out; behind: {}", behind.join(", ")),
+            });
+        }
+        if tty {
+            eprint!("\r\x1b[2Kwaiting for {}", behind.join(", "));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

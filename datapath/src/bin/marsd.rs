@@ -37,6 +37,9 @@ struct Args {
     /// Replication port for peers, ADDR:PORT.
     #[arg(long)]
     listen: SocketAddr,
+    /// Address peers use to reach --listen (needed when it is 0.0.0.0) [default: --listen].
+    #[arg(long)]
+    advertise: Option<String>,
     /// Serve NBD on ADDR:PORT (no NBD server without it).
     #[arg(long)]
     nbd: Option<SocketAddr>,
@@ -87,6 +90,10 @@ async fn run(args: Args) -> Result<()> {
         logfile_size: args.logfile_size,
         overlay_limit: args.overlay_limit,
         log_quota: args.log_quota,
+        advertise: args
+            .advertise
+            .clone()
+            .unwrap_or_else(|| args.listen.to_string()),
     };
     let node = Arc::new(
         tokio::task::spawn_blocking(move || Node::open(cfg, Arc::new(RealStorage))).await??,
@@ -97,12 +104,7 @@ async fn run(args: Args) -> Result<()> {
     let peers = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let peer_task = tokio::spawn(async move {
-        while let Ok((conn, addr)) = peers.accept().await {
-            tracing::debug!(%addr, "peer connection refused: replication is not served yet");
-            drop(conn);
-        }
-    });
+    node.start_replication(peers);
 
     let nbd_task = match args.nbd {
         Some(addr) => {
@@ -153,7 +155,6 @@ async fn run(args: Args) -> Result<()> {
         t.abort();
         let _ = t.await;
     }
-    peer_task.abort();
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     let deadline = Instant::now() + SHUTDOWN_WRITEBACK;

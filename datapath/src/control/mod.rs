@@ -34,6 +34,7 @@ impl From<Error> for Status {
             Error::Volume(IoError::NotPrimary(_)) => Code::FailedPrecondition,
             Error::Volume(IoError::ShuttingDown(_)) => Code::Unavailable,
             Error::Volume(_) => Code::Internal,
+            Error::Cluster(_) => Code::FailedPrecondition,
         };
         Status::new(code, e.to_string())
     }

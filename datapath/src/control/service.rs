@@ -47,6 +47,7 @@ impl Marsd for Service {
         let (name, size) = (r.name.clone(), r.size);
         self.blocking(move |n| n.create_resource(&r.name, &PathBuf::from(&r.path), r.size))
             .await?;
+        self.node.announce_created(&name, size).await;
         reply(format!(
             "created resource {name} ({}) with this node as primary",
             format_size(size)
@@ -70,10 +71,7 @@ impl Marsd for Service {
         req: Request<pb::ResourceRequest>,
     ) -> Result<Response<pb::Reply>, Status> {
         let name = req.into_inner().name;
-        let n2 = name.clone();
-        self.blocking(move |n| n.resource(&n2)?.make_primary())
-            .await?;
-        reply(format!("{name} is primary on {}", self.node.name()))
+        reply(self.node.make_primary(&name).await?)
     }
 
     async fn secondary(
@@ -81,10 +79,7 @@ impl Marsd for Service {
         req: Request<pb::ResourceRequest>,
     ) -> Result<Response<pb::Reply>, Status> {
         let name = req.into_inner().name;
-        let n2 = name.clone();
-        self.blocking(move |n| n.resource(&n2)?.make_secondary())
-            .await?;
-        reply(format!("{name} is secondary on {}", self.node.name()))
+        reply(self.node.make_secondary(&name).await?)
     }
 
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::Reply>, Status> {
@@ -120,6 +115,36 @@ impl Marsd for Service {
             "{name}: deleted {} of written-back logfiles",
             format_size(freed)
         ))
+    }
+
+    async fn join_cluster(
+        &self,
+        req: Request<pb::JoinClusterRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let addr = req.into_inner().addr;
+        reply(self.node.join_cluster(&addr).await?)
+    }
+
+    async fn join_resource(
+        &self,
+        req: Request<pb::JoinResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let r = req.into_inner();
+        reply(
+            self.node
+                .join_resource(&r.name, &PathBuf::from(&r.path))
+                .await?,
+        )
+    }
+
+    async fn leave_resource(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        let msg = self.blocking(move |n| n.leave_resource(&name)).await?;
+        crate::replication::links::push_to_all(self.node.cluster()).await;
+        reply(msg)
     }
 
     async fn view(&self, req: Request<pb::ViewRequest>) -> Result<Response<pb::ViewReply>, Status> {

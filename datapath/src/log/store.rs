@@ -271,6 +271,47 @@ impl LogStore {
         Ok(freed)
     }
 
+    /// Whole records from log position `pos`, up to `limit` and about
+    /// `max_bytes`, encoded as they are in the logfile (for shipping).
+    /// `None` if nothing is there yet.
+    pub fn read_records(
+        self: &Arc<Self>,
+        pos: u64,
+        limit: u64,
+        max_bytes: usize,
+    ) -> Result<Option<RawRecords>> {
+        let files = self.files();
+        let Some(f) = files
+            .iter()
+            .find(|f| f.header.start_pos <= pos && pos < f.end_pos.min(limit))
+        else {
+            return Ok(None);
+        };
+        let mut cursor = self.cursor(pos)?;
+        let mut bytes = Vec::new();
+        let mut records = 0;
+        let mut end = pos;
+        let file_end = f.end_pos.min(limit);
+        while bytes.len() < max_bytes && end < file_end {
+            let Some((at, rec)) = cursor.next_record()? else {
+                break;
+            };
+            let rec_end = at + rec.header.encoded_len();
+            if rec_end > file_end {
+                break;
+            }
+            super::format::encode_record(&rec.header, &rec.payload, &mut bytes);
+            records += 1;
+            end = rec_end;
+        }
+        Ok(Some(RawRecords {
+            file: f.clone(),
+            pos,
+            bytes,
+            records,
+        }))
+    }
+
     /// A cursor over the records from log position `pos` on.
     pub fn cursor(self: &Arc<Self>, pos: u64) -> Result<LogCursor> {
         let files = self.files();
@@ -336,6 +377,17 @@ fn scan_file(storage: &dyn Storage, info: &LogFileInfo, last: bool) -> Result<(u
         }
     }
     Ok((info.header.start_pos + valid_end - FIRST_RECORD, end_seq))
+}
+
+/// Encoded records read for shipping.
+#[derive(Debug)]
+pub struct RawRecords {
+    /// The logfile they are in.
+    pub file: LogFileInfo,
+    /// Log position of the first.
+    pub pos: u64,
+    pub bytes: Vec<u8>,
+    pub records: u64,
 }
 
 /// Appends encoded records to the newest logfile.

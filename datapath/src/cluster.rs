@@ -1,0 +1,201 @@
+//! This node's membership in a cluster: the replicated state (persisted in
+//! `ROOT/cluster.json`), when each peer was last heard from, and the hello
+//! this node sends.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::membership::{ClusterState, Member, Membership};
+use crate::replication::proto::{Hello, PROTOCOL_VERSION, Purpose};
+use crate::storage::Storage;
+
+/// A peer is connected if heard from within this time.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often links send their state (a heartbeat).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+pub struct Cluster {
+    pub node: String,
+    pub advertise: String,
+    storage: Arc<dyn Storage>,
+    path: PathBuf,
+    membership: Mutex<Membership>,
+    heard: Mutex<HashMap<String, Instant>>,
+    /// Wakes whoever waits for a state change (links, resources).
+    pub changed: tokio::sync::Notify,
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Cluster {
+    /// Loads the cluster state of this root, or starts a new one-node
+    /// cluster. The node's own member entry always carries `advertise`.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        root: &std::path::Path,
+        node: &str,
+        advertise: &str,
+    ) -> std::io::Result<Cluster> {
+        let path = root.join(CLUSTER_FILE);
+        let state: ClusterState = if storage.exists(&path) {
+            serde_json::from_slice(&storage.read_file(&path)?)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?
+        } else {
+            ClusterState {
+                cluster_id: random_id(),
+                ..Default::default()
+            }
+        };
+        let mut m = Membership::new(node, state);
+        let current = m.state.members.get(node).and_then(|e| e.value.clone());
+        if current.as_ref().map(|c| c.addr.as_str()) != Some(advertise) {
+            m.set_member(
+                node,
+                Some(Member {
+                    addr: advertise.to_string(),
+                }),
+            );
+        }
+        let c = Cluster {
+            node: node.into(),
+            advertise: advertise.into(),
+            storage,
+            path,
+            membership: Mutex::new(m),
+            heard: Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
+        };
+        c.persist();
+        Ok(c)
+    }
+
+    pub fn cluster_id(&self) -> String {
+        self.membership
+            .lock()
+            .expect("membership lock")
+            .state
+            .cluster_id
+            .clone()
+    }
+
+    pub fn hello(&self, purpose: Purpose) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            cluster: self.cluster_id(),
+            node: self.node.clone(),
+            advertise: self.advertise.clone(),
+            purpose,
+        }
+    }
+
+    /// A copy of the replicated state.
+    pub fn state(&self) -> ClusterState {
+        self.membership
+            .lock()
+            .expect("membership lock")
+            .state
+            .clone()
+    }
+
+    fn persist(&self) {
+        let bytes =
+            serde_json::to_vec_pretty(&self.membership.lock().expect("membership lock").state)
+                .expect("state serializes");
+        if let Err(e) = self.storage.write_atomic(&self.path, &bytes) {
+            tracing::error!(error = %e, file = %self.path.display(), "persisting cluster state failed");
+        }
+    }
+
+    /// Changes our state (and persists it if `durable`).
+    pub fn update<T>(&self, durable: bool, f: impl FnOnce(&mut Membership) -> T) -> T {
+        let r = f(&mut self.membership.lock().expect("membership lock"));
+        if durable {
+            self.persist();
+        }
+        self.changed.notify_waiters();
+        r
+    }
+
+    /// Merges a peer's state; persists and wakes waiters if it changed.
+    pub fn merge(&self, other: &ClusterState) -> bool {
+        let changed = {
+            let mut m = self.membership.lock().expect("membership lock");
+            if m.state.cluster_id != other.cluster_id {
+                return false;
+            }
+            m.merge(other)
+        };
+        if changed {
+            self.persist();
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// Becomes a member of another cluster (join-cluster): its id and state.
+    pub fn adopt(&self, other: ClusterState) {
+        {
+            let mut m = self.membership.lock().expect("membership lock");
+            *m = Membership::new(&self.node, other);
+            m.set_member(
+                &self.node.clone(),
+                Some(Member {
+                    addr: self.advertise.clone(),
+                }),
+            );
+        }
+        self.persist();
+        self.changed.notify_waiters();
+    }
+
+    pub fn heard_from(&self, node: &str) {
+        self.heard
+            .lock()
+            .expect("heard lock")
+            .insert(node.to_string(), Instant::now());
+    }
+
+    /// Heard from within [`PEER_TIMEOUT`] (ourselves: always).
+    pub fn connected(&self, node: &str) -> bool {
+        node == self.node
+            || self
+                .heard
+                .lock()
+                .expect("heard lock")
+                .get(node)
+                .is_some_and(|t| t.elapsed() < PEER_TIMEOUT)
+    }
+
+    /// Other members and their addresses.
+    pub fn peers(&self) -> Vec<(String, String)> {
+        self.membership
+            .lock()
+            .expect("membership lock")
+            .state
+            .members()
+            .filter(|(n, _)| **n != self.node)
+            .map(|(n, m)| (n.clone(), m.addr.clone()))
+            .collect()
+    }
+
+    pub fn addr_of(&self, node: &str) -> Option<String> {
+        self.membership
+            .lock()
+            .expect("membership lock")
+            .state
+            .members()
+            .find(|(n, _)| *n == node)
+            .map(|(_, m)| m.addr.clone())
+    }
+}

@@ -1,0 +1,459 @@
+//! What a node does as a cluster member: joining a cluster and resources,
+//! answering joiners, and the reconcile loop that publishes this node's
+//! replica positions, keeps secondaries fetching and tells primaries which
+//! logfiles other replicas still need.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::membership::{ClusterState, Member, PrimaryInfo, ReplicaInfo, ResourceConfig};
+use crate::node::Node;
+use crate::replication::proto::{self, Message, Purpose};
+use crate::replication::{links, server};
+use crate::resource::{self, Error, JoinPoint, Resource, Role};
+use crate::secondary;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Node {
+    /// Starts the peer server on `listener`, the gossip links and the
+    /// reconcile loop. Needs a (multi-threaded) tokio runtime.
+    pub fn start_replication(self: &Arc<Self>, listener: tokio::net::TcpListener) {
+        tokio::spawn(server::serve(listener, Arc::clone(self)));
+        tokio::spawn(links::run(Arc::clone(&self.cluster)));
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut caught_up = HashMap::new();
+            loop {
+                if node.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                node.reconcile(&mut caught_up);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = node.cluster.changed.notified() => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+    }
+
+    /// Publishes what this node has just done to a resource, durably, and
+    /// pushes it to every reachable member.
+    pub(crate) async fn announce(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut crate::membership::Membership),
+    ) {
+        self.cluster.update(true, f);
+        links::push_to_all(&self.cluster).await;
+    }
+
+    /// Records a new resource created here (this node primary).
+    pub(crate) async fn announce_created(self: &Arc<Self>, name: &str, size: u64) {
+        let node = self.name().to_string();
+        self.announce(|m| {
+            m.set_config(name, Some(ResourceConfig { size }));
+            m.set_primary(
+                name,
+                Some(PrimaryInfo {
+                    node,
+                    generation: 1,
+                    start_pos: 0,
+                }),
+            );
+            m.set_replica(
+                name,
+                Some(ReplicaInfo {
+                    disk_state: "UpToDate".into(),
+                    caught_up_at: unix_now(),
+                    ..Default::default()
+                }),
+            );
+        })
+        .await;
+    }
+
+    /// `join-cluster ADDR`: becomes a member of the cluster of the node at ADDR.
+    pub async fn join_cluster(self: &Arc<Self>, addr: &str) -> resource::Result<String> {
+        let local: Vec<String> = self
+            .resources
+            .read()
+            .expect("resources lock")
+            .keys()
+            .cloned()
+            .collect();
+        if !local.is_empty() {
+            return Err(Error::Cluster(format!(
+                "join-cluster needs a node without resources; {} has {}",
+                self.name(),
+                local.join(", ")
+            )));
+        }
+        let mut hello = self.cluster.hello(Purpose::Rpc);
+        hello.cluster.clear();
+        let req = Message::JoinCluster {
+            node: self.name().into(),
+            addr: self.cluster.advertise.clone(),
+        };
+        let f = proto::call(addr, &hello, None, &req, &[])
+            .await
+            .map_err(|e| Error::Cluster(format!("joining the cluster at {addr}: {e}")))?;
+        let Message::Joined { state } = f.msg else {
+            return Err(Error::Cluster(format!(
+                "joining the cluster at {addr}: unexpected answer"
+            )));
+        };
+        let id = state.cluster_id.clone();
+        self.cluster.adopt(*state);
+        links::push_to_all(&self.cluster).await;
+        let members = self.cluster.state().members().count();
+        tracing::info!(cluster = %id, via = addr, members, "joined the cluster");
+        Ok(format!(
+            "{} joined cluster {id} through {addr}: {members} members",
+            self.name()
+        ))
+    }
+
+    /// Answers a fresh node that asks to join: adds it and makes sure every
+    /// reachable member knows before answering.
+    pub async fn accept_member(
+        self: &Arc<Self>,
+        joiner: &str,
+        addr: &str,
+    ) -> Result<ClusterState, String> {
+        if joiner == self.name() {
+            return Err(format!(
+                "{joiner} is this node's own name: node names must be unique"
+            ));
+        }
+        if let Some(existing) = self.cluster.addr_of(joiner)
+            && existing != addr
+            && self.cluster.connected(joiner)
+        {
+            return Err(format!("node {joiner} is already a member, at {existing}"));
+        }
+        let (joiner, addr) = (joiner.to_string(), addr.to_string());
+        self.announce(|m| m.set_member(&joiner, Some(Member { addr: addr.clone() })))
+            .await;
+        tracing::info!(node = %joiner, %addr, "new cluster member");
+        Ok(self.cluster.state())
+    }
+
+    /// `join-resource NAME PATH`: asks the cluster for the resource and its
+    /// primary, creates the local replica and starts its full sync.
+    pub async fn join_resource(
+        self: &Arc<Self>,
+        name: &str,
+        path: &Path,
+    ) -> resource::Result<String> {
+        resource::validate_name(name)?;
+        if self.resource(name).is_ok() {
+            return Err(Error::AlreadyExists(name.into()));
+        }
+        // Ask every reachable member (not waiting for gossip).
+        let hello = self.cluster.hello(Purpose::Rpc);
+        let mut asks = tokio::task::JoinSet::new();
+        for (node, addr) in self.cluster.peers() {
+            let (hello, req) = (hello.clone(), Message::GetResource { name: name.into() });
+            asks.spawn(async move { proto::call(&addr, &hello, Some(&node), &req, &[]).await });
+        }
+        let asked = asks.len();
+        while let Some(r) = asks.join_next().await {
+            if let Ok(Ok(f)) = r
+                && let Message::ResourceIs { state } = f.msg
+            {
+                self.cluster.merge(&state);
+            }
+        }
+        let state = self.cluster.state();
+        let primary = state
+            .resource(name)
+            .and_then(|r| r.primary())
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("{name} (asked {asked} cluster members)")))?;
+        if primary.node == self.name() {
+            return Err(Error::Cluster(format!(
+                "{name}: the cluster names this node as primary, but it has no replica"
+            )));
+        }
+        let addr = self.cluster.addr_of(&primary.node).ok_or_else(|| {
+            Error::Cluster(format!(
+                "{name}: no address known for its primary {}",
+                primary.node
+            ))
+        })?;
+        let backing = self.check_backing(name, path)?;
+        let req = Message::SyncStart {
+            resource: name.into(),
+            node: self.name().into(),
+        };
+        let f = proto::call(&addr, &hello, Some(&primary.node), &req, &[])
+            .await
+            .map_err(|e| {
+                Error::Cluster(format!(
+                    "{name}: asking its primary {} at {addr}: {e}",
+                    primary.node
+                ))
+            })?;
+        let Message::SyncStarted {
+            start_pos,
+            size,
+            generation,
+        } = f.msg
+        else {
+            return Err(Error::Cluster(format!(
+                "{name}: unexpected answer from its primary"
+            )));
+        };
+        let res = {
+            let node = Arc::clone(self);
+            let (name, backing) = (name.to_string(), backing.clone());
+            tokio::task::spawn_blocking(move || {
+                let _creating = node.create_lock.lock().expect("create lock");
+                let r = Resource::create(
+                    Arc::clone(&node.storage),
+                    &node.cfg.root,
+                    node.settings(),
+                    Arc::clone(&node.quota),
+                    &name,
+                    &backing,
+                    size,
+                    Some(JoinPoint {
+                        start_pos,
+                        generation,
+                    }),
+                )?;
+                node.resources
+                    .write()
+                    .expect("resources lock")
+                    .insert(name, Arc::clone(&r));
+                Ok::<_, Error>(r)
+            })
+            .await
+            .map_err(|e| Error::Cluster(format!("join task failed: {e}")))??
+        };
+        let info = ReplicaInfo {
+            disk_state: "Inconsistent".into(),
+            applied: start_pos,
+            fetched: 0,
+            ..Default::default()
+        };
+        self.announce(|m| m.set_replica(name, Some(info))).await;
+        *res.secondary.lock().expect("secondary lock") = Some(secondary::Runtime::start(
+            Arc::clone(&res),
+            Arc::clone(&self.cluster),
+        ));
+        tracing::info!(resource = name, primary = %primary.node, pos = start_pos, "joined resource; full sync started");
+        Ok(format!(
+            "{name}: {} joined as a secondary of {}; full sync started at log position {start_pos}",
+            self.name(),
+            primary.node
+        ))
+    }
+
+    /// `leave-resource NAME`: removes the local (secondary) replica; the
+    /// backing device keeps its data. Blocking.
+    pub fn leave_resource(&self, name: &str) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        if res.logger().is_some() {
+            return Err(Error::Cluster(format!(
+                "{name} is primary on {}: hand the primary role to another replica first, or use delete-resource",
+                self.name()
+            )));
+        }
+        if let Some(rt) = res.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
+        resource::remove_dir(&*self.storage, &self.cfg.root, name)?;
+        self.quota.release(res.log_bytes());
+        self.resources.write().expect("resources lock").remove(name);
+        self.cluster.update(true, |m| m.set_replica(name, None));
+        tracing::info!(resource = name, "left resource");
+        Ok(format!(
+            "{} left {name}; its backing device is kept",
+            self.name()
+        ))
+    }
+
+    /// Publishes this node's replica positions, keeps secondaries running and
+    /// tells primaries how far the other replicas have applied.
+    fn reconcile(&self, caught_up: &mut HashMap<String, f64>) {
+        let state = self.cluster.state();
+        let now = unix_now();
+        let resources: Vec<Arc<Resource>> = self
+            .resources
+            .read()
+            .expect("resources lock")
+            .values()
+            .cloned()
+            .collect();
+        for res in resources {
+            let name = res.name().to_string();
+            let meta = res.meta();
+            let c = res.counters();
+            let primary_here = res.logger().is_some();
+            let rstate = state.resource(&name);
+            if primary_here {
+                let need = rstate
+                    .map(|r| {
+                        r.replicas()
+                            .filter(|(n, _)| **n != self.cfg.node)
+                            .map(|(_, i)| i.applied)
+                            .min()
+                    })
+                    .unwrap_or(None);
+                res.set_delete_floor(need);
+            } else if meta.role == Role::Secondary {
+                let mut rt = res.secondary.lock().expect("secondary lock");
+                if rt.is_none()
+                    && rstate
+                        .and_then(|r| r.primary())
+                        .is_some_and(|p| p.node != self.cfg.node)
+                {
+                    *rt = Some(secondary::Runtime::start(
+                        Arc::clone(&res),
+                        Arc::clone(&self.cluster),
+                    ));
+                }
+            }
+            let applied = c.written_back.load(Ordering::Acquire);
+            let primary_end = rstate.and_then(|r| {
+                let p = r.primary()?;
+                r.replicas()
+                    .find(|(n, _)| **n == p.node)
+                    .map(|(_, i)| i.fetched)
+            });
+            let behind = !primary_here && primary_end.is_none_or(|e| applied < e);
+            let last = caught_up.entry(name.clone()).or_insert(now);
+            if !behind {
+                *last = now;
+            }
+            let progress =
+                res.sync_progress
+                    .lock()
+                    .expect("progress lock")
+                    .map(|(done, total, t)| {
+                        let secs = t.elapsed().as_secs_f64().max(0.001);
+                        (
+                            done as f64 / total.max(1) as f64,
+                            (done as f64 / secs) as u64,
+                        )
+                    });
+            let info = ReplicaInfo {
+                disk_state: meta.disk_state.as_str().into(),
+                fetched: c.flushed.load(Ordering::Acquire),
+                applied,
+                sync_target: meta.sync.and_then(|s| s.target),
+                sync_progress: progress.map(|p| p.0),
+                sync_rate_bytes: progress.map(|p| p.1),
+                caught_up_at: *last,
+            };
+            let published = rstate
+                .and_then(|r| r.replicas.get(&self.cfg.node))
+                .and_then(|e| e.value.clone());
+            let stale = match &published {
+                None => true,
+                Some(p) => {
+                    let mut p2 = p.clone();
+                    p2.caught_up_at = info.caught_up_at;
+                    p2 != info || (!behind && now - p.caught_up_at > 5.0)
+                }
+            };
+            if stale {
+                self.cluster
+                    .update(false, |m| m.set_replica(&name, Some(info)));
+            }
+        }
+    }
+}
+
+impl Node {
+    /// `primary NAME`: this node takes the primary role, in a new generation.
+    /// Refused while another node is the designated primary (planned
+    /// handover comes with the next milestone) and while any replica reports
+    /// more of the log than this one has applied.
+    pub async fn make_primary(self: &Arc<Self>, name: &str) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        let state = self.cluster.state();
+        let rstate = state.resource(name);
+        if let Some(p) = rstate.and_then(|r| r.primary())
+            && p.node != self.cfg.node
+        {
+            return Err(Error::Cluster(format!(
+                "{name}'s primary is {}: run `marsadm secondary {name}` there first (automatic handover is not implemented yet)",
+                p.node
+            )));
+        }
+        let applied = res.counters().written_back.load(Ordering::Acquire);
+        if res.logger().is_none()
+            && let Some((node, ahead)) = rstate
+                .into_iter()
+                .flat_map(|r| r.replicas())
+                .filter(|(n, _)| **n != self.cfg.node)
+                .map(|(n, i)| (n.clone(), i.fetched.max(i.applied)))
+                .find(|(_, pos)| *pos > applied)
+        {
+            return Err(Error::Cluster(format!(
+                "{name}: replica {node} has the log up to {ahead}, this one only up to {applied}: wait until it has caught up"
+            )));
+        }
+        let generation = {
+            let res = Arc::clone(&res);
+            let known = rstate.and_then(|r| r.primary()).map_or(0, |p| p.generation);
+            tokio::task::spawn_blocking(move || {
+                res.make_primary(known + 1)?;
+                Ok::<_, Error>(res.meta().generation)
+            })
+            .await
+            .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??
+        };
+        let (node, start_pos) = (
+            self.cfg.node.clone(),
+            res.counters().appended.load(Ordering::Acquire),
+        );
+        self.announce(|m| {
+            m.set_primary(
+                name,
+                Some(PrimaryInfo {
+                    node,
+                    generation,
+                    start_pos,
+                }),
+            )
+        })
+        .await;
+        Ok(format!(
+            "{name} is primary on {} (generation {generation})",
+            self.cfg.node
+        ))
+    }
+
+    /// `secondary NAME`: gives up the primary role (refused while in use).
+    pub async fn make_secondary(self: &Arc<Self>, name: &str) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        let was_primary = res.logger().is_some();
+        {
+            let res = Arc::clone(&res);
+            tokio::task::spawn_blocking(move || res.make_secondary())
+                .await
+                .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??;
+        }
+        let designated = self
+            .cluster
+            .state()
+            .resource(name)
+            .and_then(|r| r.primary())
+            .is_some_and(|p| p.node == self.cfg.node);
+        if was_primary || designated {
+            self.announce(|m| m.set_primary(name, None)).await;
+        }
+        Ok(format!("{name} is secondary on {}", self.cfg.node))
+    }
+}

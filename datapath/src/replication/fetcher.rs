@@ -1,0 +1,184 @@
+//! The fetcher of a secondary: copies the primary's logfiles, byte for byte,
+//! into the local log, resuming after any disconnect at the end of its last
+//! valid record (no gap, no duplicate). Records are checked before they are
+//! stored; the local copy is fdatasync'd before the applier may use it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, Frame, Message, Purpose};
+use crate::cluster::{Cluster, PEER_TIMEOUT};
+use crate::log::Appender;
+use crate::log::format::{self, FileHeader};
+use crate::resource::Resource;
+
+/// Sync the local copy at least this often while records arrive.
+const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
+pub async fn run(res: Arc<Resource>, cluster: Arc<Cluster>) {
+    let name = res.name().to_string();
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    loop {
+        match fetch_once(&res, &cluster).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last_error {
+                    tracing::warn!(resource = %name, error = %msg, "fetch interrupted; retrying");
+                    last_error = msg.clone();
+                }
+                *res.repl_error.lock().expect("error lock") = Some(format!("fetch: {msg}"));
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("no primary known for this resource")]
+    NoPrimary,
+    #[error("primary {0} has no known address")]
+    NoAddress(String),
+    #[error(transparent)]
+    Proto(#[from] proto::Error),
+    #[error("primary sent {0}")]
+    Bad(String),
+    #[error("local log: {0}")]
+    Local(String),
+    #[error("no data from the primary for {0:?}")]
+    Silent(Duration),
+}
+
+async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), FetchError> {
+    let state = cluster.state();
+    let primary = state
+        .resource(res.name())
+        .and_then(|r| r.primary())
+        .cloned()
+        .ok_or(FetchError::NoPrimary)?;
+    if primary.node == cluster.node {
+        return Err(FetchError::NoPrimary);
+    }
+    let addr = cluster
+        .addr_of(&primary.node)
+        .ok_or_else(|| FetchError::NoAddress(primary.node.clone()))?;
+    let store = Arc::clone(res.store());
+    let mut appender: Option<Appender> = tokio::task::block_in_place(|| store.resume_last())
+        .map_err(|e| FetchError::Local(e.to_string()))?;
+    let (from_pos, file_seq) = match &appender {
+        Some(a) => (a.end_pos(), store.files().last().map(|f| f.file_seq)),
+        None => (res.meta().sync.map_or(0, |s| s.start_pos), None),
+    };
+    let (mut conn, _) =
+        proto::connect(&addr, &cluster.hello(Purpose::Rpc), Some(&primary.node)).await?;
+    let req = Message::Fetch {
+        resource: res.name().into(),
+        from_pos,
+        file_seq,
+    };
+    proto::write_frame(&mut conn, &req, &[]).await?;
+    let counters = res.counters();
+    let mut last_sync = Instant::now();
+    loop {
+        let frame: Frame<Message> =
+            tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
+                .await
+                .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
+        cluster.heard_from(&primary.node);
+        match frame.msg {
+            Message::LogFile { file_seq, origin } => {
+                let header = FileHeader::decode(&frame.data)
+                    .map_err(|e| FetchError::Bad(format!("a bad logfile header: {e}")))?;
+                if header.file_seq != file_seq {
+                    return Err(FetchError::Bad(format!(
+                        "logfile {file_seq} with a header for {}",
+                        header.file_seq
+                    )));
+                }
+                if let Some(a) = &appender {
+                    if header.start_pos != a.end_pos() || header.first_seq != a.next_seq() {
+                        return Err(FetchError::Bad(format!(
+                            "logfile {file_seq} starting at {} (record {}), but our log ends at {} (record {})",
+                            header.start_pos,
+                            header.first_seq,
+                            a.end_pos(),
+                            a.next_seq()
+                        )));
+                    }
+                    // The previous file is complete: make it durable before the next begins.
+                    tokio::task::block_in_place(|| a.sync())
+                        .map_err(|e| FetchError::Local(e.to_string()))?;
+                }
+                let a = tokio::task::block_in_place(|| store.create_file(&origin, header))
+                    .map_err(|e| FetchError::Local(e.to_string()))?;
+                counters.appended.store(a.end_pos(), Ordering::Release);
+                appender = Some(a);
+            }
+            Message::LogData { pos, records } => {
+                let a = appender
+                    .as_mut()
+                    .ok_or_else(|| FetchError::Bad("records before any logfile".into()))?;
+                if pos != a.end_pos() {
+                    return Err(FetchError::Bad(format!(
+                        "records at position {pos}, but our log ends at {}",
+                        a.end_pos()
+                    )));
+                }
+                check_records(&frame.data, records, a.next_seq())?;
+                tokio::task::block_in_place(|| a.append(&frame.data, records))
+                    .map_err(|e| FetchError::Local(e.to_string()))?;
+                store.note_append(a.start_pos(), a.end_pos(), a.next_seq());
+                counters.appended.store(a.end_pos(), Ordering::Release);
+                if last_sync.elapsed() >= SYNC_INTERVAL {
+                    sync(a, counters)?;
+                    last_sync = Instant::now();
+                }
+                res.repl_error.lock().expect("error lock").take();
+            }
+            Message::Idle { .. } => {
+                if let Some(a) = &appender {
+                    sync(a, counters)?;
+                    last_sync = Instant::now();
+                }
+            }
+            other => return Err(FetchError::Bad(format!("an unexpected {other:?}"))),
+        }
+    }
+}
+
+fn sync(a: &Appender, counters: &crate::logger::Counters) -> Result<(), FetchError> {
+    if counters.flushed.load(Ordering::Acquire) < a.end_pos() {
+        tokio::task::block_in_place(|| a.sync()).map_err(|e| FetchError::Local(e.to_string()))?;
+        counters.flushed.store(a.end_pos(), Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Every record decodes, checksums match and sequence numbers continue ours.
+fn check_records(data: &[u8], records: u64, mut next_seq: u64) -> Result<(), FetchError> {
+    let mut at = 0;
+    for _ in 0..records {
+        let (rec, used) = format::decode_record(&data[at..]).map_err(|e| {
+            FetchError::Bad(format!("a damaged record at byte {at} of a chunk: {e}"))
+        })?;
+        if rec.header.seq != next_seq {
+            return Err(FetchError::Bad(format!(
+                "record {} where {next_seq} was due",
+                rec.header.seq
+            )));
+        }
+        next_seq += 1;
+        at += used;
+    }
+    if at != data.len() {
+        return Err(FetchError::Bad(format!(
+            "{} bytes after {records} records",
+            data.len() - at
+        )));
+    }
+    Ok(())
+}

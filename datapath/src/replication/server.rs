@@ -1,0 +1,275 @@
+//! The peer server on `--listen`: checks each connection's hello, then
+//! receives gossip on links and answers requests (join, full sync, fetch).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::fullsync;
+use super::proto::{self, Frame, Hello, Message, Purpose};
+use crate::cluster::{HEARTBEAT, PEER_TIMEOUT};
+use crate::frontend::BlockIo;
+use crate::node::Node;
+
+/// Bytes of records per LogData frame.
+const SHIP_BYTES: usize = 1 << 20;
+
+pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, addr)) => {
+                    let node = Arc::clone(&node);
+                    conns.spawn(async move {
+                        if let Err(e) = handle(s, node).await {
+                            tracing::debug!(%addr, error = %e, "peer connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn refuse(s: &mut TcpStream, reason: String) -> proto::Result<()> {
+    proto::write_frame(
+        s,
+        &Message::Refused {
+            reason: reason.clone(),
+        },
+        &[],
+    )
+    .await?;
+    Err(proto::Error::Refused(reason))
+}
+
+async fn handle(mut s: TcpStream, node: Arc<Node>) -> proto::Result<()> {
+    s.set_nodelay(true)?;
+    let f: Frame<Message> = tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut s))
+        .await
+        .map_err(|_| proto::Error::BadFrame("no hello".into()))??;
+    let Message::Hello(theirs) = f.msg else {
+        return refuse(&mut s, "the first frame must be a hello".into()).await;
+    };
+    let ours = node.cluster().hello(theirs.purpose);
+    if let Err(e) = proto::check_hello(&ours, &theirs, None) {
+        return refuse(&mut s, e.to_string()).await;
+    }
+    proto::write_frame(&mut s, &Message::Hello(ours), &[]).await?;
+    match theirs.purpose {
+        Purpose::Link => {
+            if theirs.cluster.is_empty() {
+                return refuse(&mut s, "join the cluster first".into()).await;
+            }
+            loop {
+                let f: Frame<Message> =
+                    tokio::time::timeout(2 * PEER_TIMEOUT, proto::read_frame(&mut s))
+                        .await
+                        .map_err(|_| proto::Error::BadFrame("link silent".into()))??;
+                node.cluster().heard_from(&theirs.node);
+                if let Message::Gossip { state } = f.msg {
+                    node.cluster().merge(&state);
+                }
+            }
+        }
+        Purpose::Rpc => {
+            let f: Frame<Message> = tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut s))
+                .await
+                .map_err(|_| proto::Error::BadFrame("no request".into()))??;
+            if theirs.cluster.is_empty() && !matches!(f.msg, Message::JoinCluster { .. }) {
+                return refuse(&mut s, "join the cluster first".into()).await;
+            }
+            node.cluster().heard_from(&theirs.node);
+            rpc(&mut s, &node, &theirs, f.msg).await
+        }
+    }
+}
+
+async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) -> proto::Result<()> {
+    let answer = match req {
+        Message::Gossip { state } => {
+            node.cluster().merge(&state);
+            Message::GossipAck
+        }
+        Message::JoinCluster { node: joiner, addr } => {
+            match node.accept_member(&joiner, &addr).await {
+                Ok(state) => Message::Joined {
+                    state: Box::new(state),
+                },
+                Err(e) => return refuse(s, e).await,
+            }
+        }
+        Message::GetResource { .. } => Message::ResourceIs {
+            state: Box::new(node.cluster().state()),
+        },
+        Message::SyncStart {
+            resource,
+            node: joiner,
+        } => {
+            let Some((res, logger)) = node.primary_of(&resource) else {
+                return refuse(s, format!("{} is not primary of {resource}", node.name())).await;
+            };
+            let start_pos = res
+                .counters()
+                .appended
+                .load(std::sync::atomic::Ordering::Acquire);
+            res.pin(&joiner, start_pos);
+            tracing::info!(resource = %resource, node = %joiner, pos = start_pos, "replica starts a full sync");
+            Message::SyncStarted {
+                start_pos,
+                size: logger.size(),
+                generation: res.meta().generation,
+            }
+        }
+        Message::Checksums {
+            resource,
+            offset,
+            chunk,
+            count,
+        } => {
+            let Some((_, logger)) = node.primary_of(&resource) else {
+                return refuse(s, format!("{} is not primary of {resource}", node.name())).await;
+            };
+            if chunk == 0 || chunk > fullsync::CHUNK * 4 || count > 1024 {
+                return refuse(
+                    s,
+                    format!("bad checksum request: {count} chunks of {chunk} bytes"),
+                )
+                .await;
+            }
+            match fullsync::checksums(&*logger, offset, chunk, count).await {
+                Ok(digests) => Message::ChecksumList { digests },
+                Err(e) => return refuse(s, e.to_string()).await,
+            }
+        }
+        Message::ReadChunk {
+            resource,
+            offset,
+            len,
+        } => {
+            let Some((_, logger)) = node.primary_of(&resource) else {
+                return refuse(s, format!("{} is not primary of {resource}", node.name())).await;
+            };
+            if len > fullsync::CHUNK * 4 {
+                return refuse(s, format!("chunk of {len} bytes is too large")).await;
+            }
+            match logger.read(offset, len).await {
+                Ok(data) => {
+                    proto::write_frame(s, &Message::Chunk, &data).await?;
+                    return Ok(());
+                }
+                Err(e) => return refuse(s, e.to_string()).await,
+            }
+        }
+        Message::Position { resource } => {
+            let Ok(res) = node.resource(&resource) else {
+                return refuse(s, format!("no resource {resource} on {}", node.name())).await;
+            };
+            let c = res.counters();
+            use std::sync::atomic::Ordering::Acquire;
+            Message::PositionIs {
+                appended: c.appended.load(Acquire),
+                flushed: c.flushed.load(Acquire),
+            }
+        }
+        Message::Fetch {
+            resource,
+            from_pos,
+            file_seq,
+        } => return ship(s, node, peer, &resource, from_pos, file_seq).await,
+        other => return refuse(s, format!("unexpected request {other:?}")).await,
+    };
+    proto::write_frame(s, &answer, &[]).await
+}
+
+/// Streams logfiles from `from_pos` on, up to what is durable here, and
+/// keeps streaming as the log grows. Only whole, checked records travel.
+async fn ship(
+    s: &mut TcpStream,
+    node: &Arc<Node>,
+    peer: &Hello,
+    resource: &str,
+    from_pos: u64,
+    mut client_file: Option<u64>,
+) -> proto::Result<()> {
+    let Ok(res) = node.resource(resource) else {
+        return refuse(s, format!("no resource {resource} on {}", node.name())).await;
+    };
+    let store = Arc::clone(res.store());
+    let files = store.files();
+    let mut pos = from_pos;
+    if client_file.is_none() {
+        // A new replica takes the whole logfile holding its start position.
+        match files.iter().rev().find(|f| f.header.start_pos <= from_pos) {
+            Some(f) => pos = f.header.start_pos,
+            None => {
+                return refuse(
+                    s,
+                    format!(
+                        "log position {from_pos} of {resource} is not available on {}",
+                        node.name()
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    if files.first().is_some_and(|f| pos < f.header.start_pos) {
+        return refuse(
+            s,
+            format!(
+                "log position {pos} of {resource} was deleted on {}: a full sync is needed",
+                node.name()
+            ),
+        )
+        .await;
+    }
+    tracing::info!(%resource, peer = %peer.node, pos, "shipping log");
+    let mut last_sent = Instant::now();
+    loop {
+        let limit = res
+            .counters()
+            .flushed
+            .load(std::sync::atomic::Ordering::Acquire);
+        let raw = tokio::task::block_in_place(|| store.read_records(pos, limit, SHIP_BYTES))
+            .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
+        match raw {
+            Some(raw) if raw.records > 0 => {
+                if client_file != Some(raw.file.file_seq) {
+                    let msg = Message::LogFile {
+                        file_seq: raw.file.file_seq,
+                        origin: raw.file.origin.clone(),
+                    };
+                    proto::write_frame(s, &msg, &raw.file.header.encode()).await?;
+                    client_file = Some(raw.file.file_seq);
+                }
+                proto::write_frame(
+                    s,
+                    &Message::LogData {
+                        pos,
+                        records: raw.records,
+                    },
+                    &raw.bytes,
+                )
+                .await?;
+                pos += raw.bytes.len() as u64;
+                last_sent = Instant::now();
+            }
+            _ => {
+                if last_sent.elapsed() >= HEARTBEAT {
+                    proto::write_frame(s, &Message::Idle { flushed: limit }, &[]).await?;
+                    last_sent = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! A secondary replica at work: the fetcher copies the primary's logfiles,
+//! a full sync (when joining) copies its device, and the applier replays
+//! fetched records into the backing device, in order, never beyond what is
+//! durable in the local log copy. Between records the device is the
+//! primary's device at some earlier log position.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::applicator::{Applicator, Position};
+use crate::cluster::Cluster;
+use crate::replication::{fetcher, fullsync};
+use crate::resource::{DiskState, Resource};
+
+/// The tasks of one secondary resource.
+pub struct Runtime {
+    stop: Arc<AtomicBool>,
+    applier: Option<JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Starts fetching and applying (and a full sync, if one is pending).
+    /// Needs a tokio runtime.
+    pub fn start(res: Arc<Resource>, cluster: Arc<Cluster>) -> Runtime {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = vec![tokio::spawn(fetcher::run(
+            Arc::clone(&res),
+            Arc::clone(&cluster),
+        ))];
+        if res.meta().sync.is_some_and(|s| s.target.is_none()) {
+            tasks.push(tokio::spawn(fullsync::run(
+                Arc::clone(&res),
+                Arc::clone(&cluster),
+            )));
+        }
+        let applier = {
+            let (res, stop) = (Arc::clone(&res), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name(format!("apply-{}", res.name()))
+                .spawn(move || apply_loop(res, stop))
+                .expect("spawn applier")
+        };
+        Runtime {
+            stop,
+            applier: Some(applier),
+            tasks,
+        }
+    }
+
+    /// Stops everything; returns once no more byte is fetched or applied. Blocking.
+    pub fn stop(mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.stop.store(true, Ordering::Release);
+        if let Some(a) = self.applier.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
+    let name = res.name().to_string();
+    let start = Position::load(&**res.storage(), &res.position_path())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let mut app = Applicator::new(
+        Arc::clone(res.store()),
+        Arc::clone(res.storage()),
+        Arc::clone(res.backing()),
+        res.meta().backing,
+        res.position_path(),
+        start,
+    );
+    res.counters()
+        .written_back
+        .store(start.pos, Ordering::Release);
+    while !stop.load(Ordering::Acquire) {
+        let meta = res.meta();
+        let copying = meta.sync.is_some_and(|s| s.target.is_none());
+        let limit = res.counters().flushed.load(Ordering::Acquire);
+        let pos = app.position().pos;
+        if copying || limit <= pos || res.store().files().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match app.apply_until(limit, 1024) {
+            Ok(0) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(_) => {
+                let applied = app.position().pos;
+                res.counters()
+                    .written_back
+                    .store(applied, Ordering::Release);
+                if let Some(s) = meta.sync
+                    && s.target.is_some_and(|t| applied >= t)
+                {
+                    let r = res.update_meta(|m| {
+                        m.disk_state = DiskState::UpToDate;
+                        m.sync = None;
+                    });
+                    match r {
+                        Ok(()) => {
+                            tracing::info!(resource = %name, pos = applied, "full sync complete: UpToDate")
+                        }
+                        Err(e) => {
+                            tracing::error!(resource = %name, error = %e, "recording UpToDate failed")
+                        }
+                    }
+                }
+                match res.store().delete_before(applied) {
+                    Ok(freed) => res.quota().release(freed),
+                    Err(e) => {
+                        tracing::warn!(resource = %name, error = %e, "deleting applied logfiles failed")
+                    }
+                }
+                res.repl_error.lock().expect("error lock").take();
+            }
+            Err(e) => {
+                tracing::error!(resource = %name, error = %e, "applying the log failed; retrying");
+                *res.repl_error.lock().expect("error lock") = Some(format!("apply: {e}"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
