@@ -386,10 +386,7 @@ impl Node {
         if let Some(p) = rstate.and_then(|r| r.primary())
             && p.node != self.cfg.node
         {
-            return Err(Error::Cluster(format!(
-                "{name}'s primary is {}: run `marsadm secondary {name}` there first (automatic handover is not implemented yet)",
-                p.node
-            )));
+            return self.take_over(&res, &p.node).await;
         }
         let applied = res.counters().written_back.load(Ordering::Acquire);
         if res.logger().is_none()
@@ -455,5 +452,119 @@ impl Node {
             self.announce(|m| m.set_primary(name, None)).await;
         }
         Ok(format!("{name} is secondary on {}", self.cfg.node))
+    }
+}
+
+/// How long a handover target may take to catch up with the old primary.
+const HANDOVER_CATCH_UP: Duration = Duration::from_secs(120);
+
+impl Node {
+    /// Planned handover, on the target: asks the current primary to stop,
+    /// catches up to where its log ends, then becomes primary.
+    async fn take_over(
+        self: &Arc<Self>,
+        res: &Arc<Resource>,
+        old: &str,
+    ) -> resource::Result<String> {
+        let name = res.name().to_string();
+        if res.meta().disk_state != resource::DiskState::UpToDate {
+            return Err(Error::Cluster(format!(
+                "{name} is {} on {}: only an UpToDate replica can become primary",
+                res.meta().disk_state.as_str(),
+                self.cfg.node
+            )));
+        }
+        let addr = self.cluster.addr_of(old).ok_or_else(|| {
+            Error::Cluster(format!("{name}: no address known for its primary {old}"))
+        })?;
+        if !self.cluster.connected(old) {
+            return Err(Error::Cluster(format!(
+                "{name}: its primary {old} is unreachable; a planned handover needs it (forced failover: primary --force)"
+            )));
+        }
+        let req = Message::Handover {
+            resource: name.clone(),
+            to: self.cfg.node.clone(),
+        };
+        let f = proto::call(
+            &addr,
+            &self.cluster.hello(Purpose::Rpc),
+            Some(old),
+            &req,
+            &[],
+        )
+        .await
+        .map_err(|e| Error::Cluster(format!("{name}: handover from {old}: {e}")))?;
+        let Message::HandedOver { end_pos, .. } = f.msg else {
+            return Err(Error::Cluster(format!(
+                "{name}: unexpected answer from {old}"
+            )));
+        };
+        tracing::info!(resource = %name, from = old, end_pos, "primary stopped for handover; catching up");
+        let deadline = tokio::time::Instant::now() + HANDOVER_CATCH_UP;
+        loop {
+            if res.counters().written_back.load(Ordering::Acquire) >= end_pos {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Cluster(format!(
+                    "{name}: {old} stopped at log position {end_pos}, but this node applied only {} within {}s; run `marsadm primary {name}` again",
+                    res.counters().written_back.load(Ordering::Acquire),
+                    HANDOVER_CATCH_UP.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let known = self
+            .cluster
+            .state()
+            .resource(&name)
+            .and_then(|r| r.primary())
+            .map_or(0, |p| p.generation);
+        let generation = {
+            let res = Arc::clone(res);
+            tokio::task::spawn_blocking(move || {
+                res.make_primary(known + 1)?;
+                Ok::<_, Error>(res.meta().generation)
+            })
+            .await
+            .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??
+        };
+        let node = self.cfg.node.clone();
+        self.announce(|m| {
+            m.set_primary(
+                &name,
+                Some(PrimaryInfo {
+                    node,
+                    generation,
+                    start_pos: end_pos,
+                }),
+            )
+        })
+        .await;
+        tracing::info!(resource = %name, from = old, generation, "handover complete: primary here");
+        Ok(format!(
+            "{name} is primary on {} (generation {generation}), handed over from {old}",
+            self.cfg.node
+        ))
+    }
+
+    /// Planned handover, on the old primary: stop taking writes (clients get
+    /// errors and are disconnected), make the log durable, become secondary.
+    /// Returns where the log ends.
+    pub async fn hand_over(self: &Arc<Self>, name: &str, to: &str) -> resource::Result<(u64, u64)> {
+        let res = self.resource(name)?;
+        let r2 = Arc::clone(&res);
+        tokio::task::spawn_blocking(move || r2.stop_for_handover())
+            .await
+            .map_err(|e| Error::Cluster(format!("handover failed: {e}")))??;
+        let end = res.counters().flushed.load(Ordering::Acquire);
+        tracing::info!(
+            resource = name,
+            to,
+            end_pos = end,
+            "handing over: stopped taking writes"
+        );
+        Ok((end, res.meta().generation))
     }
 }

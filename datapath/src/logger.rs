@@ -46,7 +46,8 @@ pub struct Counters {
     /// The most the overlay ever held.
     pub overlay_peak: AtomicU64,
     /// Other replicas still need the log from this position on: logfiles
-    /// are deleted only before it (`u64::MAX`: no other replica).
+    /// are deleted only before it (`u64::MAX`: no other replica). It starts
+    /// at 0 (delete nothing) until the node has learnt what replicas need.
     pub delete_floor: AtomicU64,
 }
 
@@ -58,7 +59,7 @@ impl Default for Counters {
             written_back: AtomicU64::new(0),
             overlay_bytes: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
-            delete_floor: AtomicU64::new(u64::MAX),
+            delete_floor: AtomicU64::new(0),
         }
     }
 }
@@ -345,6 +346,9 @@ impl Logger {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(IoError::ShuttingDown(self.resource().into()));
+        }
         if self.shared.failed.load(Ordering::Acquire) {
             return Err(IoError::Io {
                 resource: self.resource().into(),

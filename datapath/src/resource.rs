@@ -595,6 +595,7 @@ impl Resource {
         if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
             rt.stop();
         }
+        self.repl_error.lock().expect("error lock").take();
         {
             let mut st = self.state.lock().expect("state lock");
             if st.meta.role == Role::Primary && st.logger.is_some() {
@@ -643,6 +644,23 @@ impl Resource {
         if let Some(l) = logger {
             l.stop(None);
             tracing::info!(resource = %self.name, "became secondary");
+        }
+        Ok(())
+    }
+
+    /// Gives up the primary role for a planned handover: unlike `secondary`,
+    /// open NBD clients do not block it (their I/O fails from now on).
+    /// Blocking; idempotent.
+    pub fn stop_for_handover(&self) -> Result<()> {
+        let _changing = self.role_change.lock().expect("role lock");
+        let logger = {
+            let mut st = self.state.lock().expect("state lock");
+            st.meta.role = Role::Secondary;
+            write_meta(&*self.storage, &self.dir, &st.meta)?;
+            st.logger.take()
+        };
+        if let Some(l) = logger {
+            l.stop(None);
         }
         Ok(())
     }
@@ -807,7 +825,7 @@ mod tests {
             logfile_size,
             overlay_limit,
         };
-        Resource::create(
+        let r = Resource::create(
             Arc::new(RealStorage),
             &tmp.join("root"),
             settings,
@@ -817,7 +835,10 @@ mod tests {
             16 << 20,
             None,
         )
-        .unwrap()
+        .unwrap();
+        // No other replica: everything written back may be deleted.
+        r.set_delete_floor(None);
+        r
     }
 
     fn pattern(i: u64, len: usize) -> Bytes {

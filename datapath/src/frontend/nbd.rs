@@ -611,11 +611,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Reply>,
 ) -> io::Result<()> {
     while let Some(reply) = rx.recv().await {
+        // A volume that shut down (e.g. handed over to another node) ends
+        // the connection after telling the client why.
+        let mut gone = reply.result == Err(libc_errno::ESHUTDOWN as u32);
         write_reply(&mut w, reply).await?;
         while let Ok(reply) = rx.try_recv() {
+            gone |= reply.result == Err(libc_errno::ESHUTDOWN as u32);
             write_reply(&mut w, reply).await?;
         }
         w.flush().await?;
+        if gone {
+            info!("volume shut down: disconnecting the client");
+            break;
+        }
     }
     w.shutdown().await
 }

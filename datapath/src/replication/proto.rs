@@ -216,6 +216,17 @@ pub enum Message {
         from_pos: u64,
         file_seq: Option<u64>,
     },
+    /// Rpc, to the primary: planned handover to node `to`. The primary stops
+    /// taking writes (its clients get errors), makes its log durable and
+    /// answers with where the log ends; `to` catches up to there and takes over.
+    Handover {
+        resource: String,
+        to: String,
+    },
+    HandedOver {
+        end_pos: u64,
+        generation: u64,
+    },
     /// A logfile starts; data holds its encoded header.
     LogFile {
         file_seq: u64,

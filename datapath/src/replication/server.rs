@@ -180,6 +180,13 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
                 flushed: c.flushed.load(Acquire),
             }
         }
+        Message::Handover { resource, to } => match node.hand_over(&resource, &to).await {
+            Ok((end_pos, generation)) => Message::HandedOver {
+                end_pos,
+                generation,
+            },
+            Err(e) => return refuse(s, e.to_string()).await,
+        },
         Message::Fetch {
             resource,
             from_pos,
