@@ -568,3 +568,64 @@ impl Node {
         Ok((end, res.meta().generation))
     }
 }
+
+/// Steering commands: synchronous, idempotent, persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steer {
+    PauseFetch,
+    ResumeFetch,
+    PauseReplay,
+    ResumeReplay,
+    Disconnect,
+    Connect,
+}
+
+impl Node {
+    pub async fn steer(self: &Arc<Self>, name: &str, what: Steer) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        res.update_meta(|m| match what {
+            Steer::PauseFetch => m.fetch_paused = true,
+            Steer::ResumeFetch => m.fetch_paused = false,
+            Steer::PauseReplay => m.replay_paused = true,
+            Steer::ResumeReplay => m.replay_paused = false,
+            Steer::Disconnect => m.disconnected = true,
+            Steer::Connect => m.disconnected = false,
+        })?;
+        match what {
+            Steer::PauseFetch | Steer::Disconnect => {
+                let fetcher = res
+                    .secondary
+                    .lock()
+                    .expect("secondary lock")
+                    .as_mut()
+                    .and_then(|rt| rt.take_fetcher());
+                if let Some(f) = fetcher {
+                    f.abort();
+                    let _ = f.await;
+                }
+            }
+            Steer::ResumeFetch | Steer::Connect => {
+                if let Some(rt) = res.secondary.lock().expect("secondary lock").as_mut() {
+                    rt.resume_fetch(Arc::clone(&res), Arc::clone(&self.cluster));
+                }
+            }
+            Steer::PauseReplay => {
+                // Wait for a batch being applied right now.
+                let r = Arc::clone(&res);
+                let _ = tokio::task::spawn_blocking(move || drop(r.apply_lock.lock())).await;
+            }
+            Steer::ResumeReplay => {}
+        }
+        let m = res.meta();
+        Ok(format!(
+            "{name}: fetch {}, replay {}, links {}",
+            if m.fetch_paused { "paused" } else { "on" },
+            if m.replay_paused { "paused" } else { "on" },
+            if m.disconnected {
+                "disconnected"
+            } else {
+                "connected"
+            }
+        ))
+    }
+}

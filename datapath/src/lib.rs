@@ -4,7 +4,7 @@
 
 pub mod applicator;
 pub mod cluster;
-mod cluster_ops;
+pub mod cluster_ops;
 pub mod control;
 pub mod frontend;
 pub mod log;

@@ -100,6 +100,14 @@ pub struct Meta {
     /// Set while a full sync runs (or its replay has not passed its end).
     #[serde(default)]
     pub sync: Option<SyncMeta>,
+    /// Steering, persisted across restarts: no fetching / no applying /
+    /// no peer links for this resource.
+    #[serde(default)]
+    pub fetch_paused: bool,
+    #[serde(default)]
+    pub replay_paused: bool,
+    #[serde(default)]
+    pub disconnected: bool,
 }
 
 /// Where a joining replica starts: the primary's log position when its full
@@ -210,6 +218,9 @@ pub struct Resource {
     pub(crate) repl_error: Mutex<Option<String>>,
     /// Full sync progress: bytes done, total bytes, start time.
     pub(crate) sync_progress: Mutex<Option<(u64, u64, Instant)>>,
+    /// Held by the applier while it writes to the device, so that
+    /// pause-replay returns only once nothing more is written.
+    pub(crate) apply_lock: Mutex<()>,
 }
 
 impl Resource {
@@ -302,6 +313,9 @@ impl Resource {
             } else {
                 DiskState::UpToDate
             },
+            fetch_paused: false,
+            replay_paused: false,
+            disconnected: false,
             sync: join.map(|j| SyncMeta {
                 start_pos: j.start_pos,
                 target: None,
@@ -384,6 +398,7 @@ impl Resource {
             pins: Mutex::new(Vec::new()),
             repl_error: Mutex::new(None),
             sync_progress: Mutex::new(None),
+            apply_lock: Mutex::new(()),
         });
         res.replay()?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {

@@ -18,24 +18,20 @@ use crate::resource::{DiskState, Resource};
 pub struct Runtime {
     stop: Arc<AtomicBool>,
     applier: Option<JoinHandle<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    fetcher: Option<tokio::task::JoinHandle<()>>,
+    fullsync: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runtime {
-    /// Starts fetching and applying (and a full sync, if one is pending).
-    /// Needs a tokio runtime.
+    /// Starts fetching (unless paused) and applying, and a full sync if one
+    /// is pending. Needs a tokio runtime.
     pub fn start(res: Arc<Resource>, cluster: Arc<Cluster>) -> Runtime {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = vec![tokio::spawn(fetcher::run(
-            Arc::clone(&res),
-            Arc::clone(&cluster),
-        ))];
-        if res.meta().sync.is_some_and(|s| s.target.is_none()) {
-            tasks.push(tokio::spawn(fullsync::run(
-                Arc::clone(&res),
-                Arc::clone(&cluster),
-            )));
-        }
+        let meta = res.meta();
+        let fullsync = meta
+            .sync
+            .is_some_and(|s| s.target.is_none())
+            .then(|| tokio::spawn(fullsync::run(Arc::clone(&res), Arc::clone(&cluster))));
         let applier = {
             let (res, stop) = (Arc::clone(&res), Arc::clone(&stop));
             std::thread::Builder::new()
@@ -43,16 +39,34 @@ impl Runtime {
                 .spawn(move || apply_loop(res, stop))
                 .expect("spawn applier")
         };
-        Runtime {
+        let mut rt = Runtime {
             stop,
             applier: Some(applier),
-            tasks,
+            fetcher: None,
+            fullsync,
+        };
+        rt.resume_fetch(res, cluster);
+        rt
+    }
+
+    /// Starts the fetcher unless it runs, or fetching is paused or the
+    /// resource is disconnected.
+    pub fn resume_fetch(&mut self, res: Arc<Resource>, cluster: Arc<Cluster>) {
+        let meta = res.meta();
+        if self.fetcher.is_none() && !meta.fetch_paused && !meta.disconnected {
+            self.fetcher = Some(tokio::spawn(fetcher::run(res, cluster)));
         }
+    }
+
+    /// Takes the fetcher out; the caller aborts and awaits it, after which
+    /// no further byte is fetched.
+    pub fn take_fetcher(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.fetcher.take()
     }
 
     /// Stops everything; returns once no more byte is fetched or applied. Blocking.
     pub fn stop(mut self) {
-        for t in &self.tasks {
+        for t in self.fetcher.iter().chain(self.fullsync.iter()) {
             t.abort();
         }
         self.stop.store(true, Ordering::Release);
@@ -84,11 +98,15 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
         let copying = meta.sync.is_some_and(|s| s.target.is_none());
         let limit = res.counters().flushed.load(Ordering::Acquire);
         let pos = app.position().pos;
-        if copying || limit <= pos || res.store().files().is_empty() {
+        if copying || meta.replay_paused || limit <= pos || res.store().files().is_empty() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        match app.apply_until(limit, 1024) {
+        let _applying = res.apply_lock.lock().expect("apply lock");
+        if res.meta().replay_paused {
+            continue;
+        }
+        match app.apply_until(limit, 64) {
             Ok(0) => std::thread::sleep(Duration::from_millis(20)),
             Ok(_) => {
                 let applied = app.position().pos;

@@ -18,6 +18,8 @@ const PERSIST_BYTES: u64 = 64 << 20;
 /// One batch between checks of the queue and of a shutdown deadline.
 const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: u64 = 16 << 20;
+/// How long logged records may wait before writeback asks for a log sync.
+const SYNC_DELAY: Duration = Duration::from_millis(20);
 
 pub(crate) fn run(shared: Arc<Shared>) {
     let resource = shared.cfg.resource.clone();
@@ -27,6 +29,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
     };
     let mut persisted = written.pos;
     let mut last_persist = Instant::now();
+    // Since when writeback has been waiting for the log to become durable.
+    let mut waiting_since: Option<Instant> = None;
+    let overlay_pressure = shared.cfg.overlay_limit / 4;
     loop {
         let batch = {
             let mut wb = shared.wb.lock().expect("wb lock");
@@ -34,6 +39,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 let flushed = shared.flushed();
                 let ready = wb.queue.front().is_some_and(|p| p.end() <= flushed);
                 if ready {
+                    waiting_since = None;
                     break;
                 }
                 if let Some(deadline) = wb.stop {
@@ -48,15 +54,24 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     }
                 }
                 if !wb.queue.is_empty() {
-                    shared.want_sync();
+                    // Let writes accumulate a little so that one log sync
+                    // covers many (FLUSH/FUA sync anyway); hurry when the
+                    // overlay fills up.
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= SYNC_DELAY
+                        || shared.counters.overlay_bytes.load(Ordering::Relaxed) >= overlay_pressure
+                    {
+                        shared.want_sync();
+                    }
                 } else if written.pos > persisted && last_persist.elapsed() >= PERSIST_INTERVAL {
                     break;
                 }
-                wb = shared
-                    .wb_cv
-                    .wait_timeout(wb, Duration::from_millis(100))
-                    .expect("wb lock")
-                    .0;
+                let nap = if wb.queue.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    SYNC_DELAY
+                };
+                wb = shared.wb_cv.wait_timeout(wb, nap).expect("wb lock").0;
             }
             let flushed = shared.flushed();
             let mut batch: Vec<Pending> = Vec::new();
@@ -93,10 +108,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 next_seq: h.seq + 1,
             };
         }
-        let queue_empty = shared.wb.lock().expect("wb lock").queue.is_empty();
+        // Not after every batch: each persist syncs the device and renames a
+        // file, which at low queue depth would double the cost of a write.
         if written.pos > persisted
-            && (queue_empty
-                || written.pos - persisted >= PERSIST_BYTES
+            && (written.pos - persisted >= PERSIST_BYTES
                 || last_persist.elapsed() >= PERSIST_INTERVAL)
         {
             persist(&shared, &mut written, &mut persisted, &resource);

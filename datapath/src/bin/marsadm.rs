@@ -40,17 +40,30 @@ enum Command {
         size: String,
     },
     /// Remove a resource from this node (its backing device is kept).
-    DeleteResource { name: String },
+    DeleteResource {
+        name: String,
+    },
     /// Make this node primary for the resource.
-    Primary { name: String },
+    Primary {
+        name: String,
+    },
     /// Make this node secondary for the resource (refused while in use).
-    Secondary { name: String },
+    Secondary {
+        name: String,
+    },
     /// Grow the resource to SIZE.
-    Resize { name: String, size: String },
+    Resize {
+        name: String,
+        size: String,
+    },
     /// Start a new logfile.
-    LogRotate { name: String },
+    LogRotate {
+        name: String,
+    },
     /// Delete logfiles that are written back.
-    LogDelete { name: String },
+    LogDelete {
+        name: String,
+    },
     /// Show resources, as a table or as JSON.
     View {
         name: Option<String>,
@@ -58,11 +71,40 @@ enum Command {
         json: bool,
     },
     /// Make this (fresh) node a member of the cluster of the node at PEER (ADDR:PORT).
-    JoinCluster { peer: String },
+    JoinCluster {
+        peer: String,
+    },
     /// Add a replica of cluster resource NAME on backing PATH here and start its full sync.
-    JoinResource { name: String, path: PathBuf },
+    JoinResource {
+        name: String,
+        path: PathBuf,
+    },
     /// Remove this node's secondary replica of NAME (the backing device is kept).
-    LeaveResource { name: String },
+    LeaveResource {
+        name: String,
+    },
+    /// Stop fetching logfiles (after it returns, no further byte is fetched).
+    PauseFetch {
+        name: String,
+    },
+    ResumeFetch {
+        name: String,
+    },
+    /// Stop applying (after it returns, the backing device holds a prefix state).
+    PauseReplay {
+        name: String,
+    },
+    ResumeReplay {
+        name: String,
+    },
+    /// Drop this resource's peer links (no fetching, no shipping).
+    Disconnect {
+        name: String,
+    },
+    /// Restore this resource's peer links.
+    Connect {
+        name: String,
+    },
     /// Wait until every replica of NAME is UpToDate and has applied all the
     /// primary had logged when the command started.
     Wait {
@@ -196,6 +238,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
         }
         Command::LeaveResource { name } => c.leave_resource(pb::ResourceRequest { name }).await?,
+        Command::PauseFetch { name } => c.steer(steer(name, "pause-fetch")).await?,
+        Command::ResumeFetch { name } => c.steer(steer(name, "resume-fetch")).await?,
+        Command::PauseReplay { name } => c.steer(steer(name, "pause-replay")).await?,
+        Command::ResumeReplay { name } => c.steer(steer(name, "resume-replay")).await?,
+        Command::Disconnect { name } => c.steer(steer(name, "disconnect")).await?,
+        Command::Connect { name } => c.steer(steer(name, "connect")).await?,
         Command::Wait { name, timeout } => return wait(&mut c, &name, timeout).await,
         Command::LogRotate { name } => c.log_rotate(pb::ResourceRequest { name }).await?,
         Command::LogDelete { name } => c.log_delete(pb::ResourceRequest { name }).await?,
@@ -371,5 +419,12 @@ async fn wait(
             eprint!("\r\x1b[2Kwaiting for {}", behind.join(", "));
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn steer(name: String, action: &str) -> pb::SteerRequest {
+    pb::SteerRequest {
+        name,
+        action: action.into(),
     }
 }

@@ -147,6 +147,25 @@ impl Marsd for Service {
         reply(msg)
     }
 
+    async fn steer(&self, req: Request<pb::SteerRequest>) -> Result<Response<pb::Reply>, Status> {
+        use crate::cluster_ops::Steer;
+        let r = req.into_inner();
+        let what = match r.action.as_str() {
+            "pause-fetch" => Steer::PauseFetch,
+            "resume-fetch" => Steer::ResumeFetch,
+            "pause-replay" => Steer::PauseReplay,
+            "resume-replay" => Steer::ResumeReplay,
+            "disconnect" => Steer::Disconnect,
+            "connect" => Steer::Connect,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown steering action {other}"
+                )));
+            }
+        };
+        reply(self.node.steer(&r.name, what).await?)
+    }
+
     async fn view(&self, req: Request<pb::ViewRequest>) -> Result<Response<pb::ViewReply>, Status> {
         Ok(Response::new(self.node.view(&req.into_inner().name)?))
     }

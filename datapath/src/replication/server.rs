@@ -210,6 +210,9 @@ async fn ship(
     let Ok(res) = node.resource(resource) else {
         return refuse(s, format!("no resource {resource} on {}", node.name())).await;
     };
+    if res.meta().disconnected {
+        return refuse(s, format!("{resource} is disconnected on {}", node.name())).await;
+    }
     let store = Arc::clone(res.store());
     let files = store.files();
     let mut pos = from_pos;
@@ -242,6 +245,9 @@ async fn ship(
     tracing::info!(%resource, peer = %peer.node, pos, "shipping log");
     let mut last_sent = Instant::now();
     loop {
+        if res.meta().disconnected {
+            return refuse(s, format!("{resource} was disconnected on {}", node.name())).await;
+        }
         let limit = res
             .counters()
             .flushed
