@@ -159,6 +159,17 @@ impl Cluster {
         self.changed.notify_waiters();
     }
 
+    /// The designated primary of a resource, as known here.
+    pub fn primary_of(&self, resource: &str) -> Option<crate::membership::PrimaryInfo> {
+        self.membership
+            .lock()
+            .expect("membership lock")
+            .state
+            .resource(resource)
+            .and_then(|r| r.primary())
+            .cloned()
+    }
+
     pub fn heard_from(&self, node: &str) {
         self.heard
             .lock()

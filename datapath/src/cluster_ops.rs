@@ -246,10 +246,7 @@ impl Node {
             ..Default::default()
         };
         self.announce(|m| m.set_replica(name, Some(info))).await;
-        *res.secondary.lock().expect("secondary lock") = Some(secondary::Runtime::start(
-            Arc::clone(&res),
-            Arc::clone(&self.cluster),
-        ));
+        self.ensure_secondary_runtime(&res);
         tracing::info!(resource = name, primary = %primary.node, pos = start_pos, "joined resource; full sync started");
         Ok(format!(
             "{name}: {} joined as a secondary of {}; full sync started at log position {start_pos}",
@@ -284,7 +281,7 @@ impl Node {
 
     /// Publishes this node's replica positions, keeps secondaries running and
     /// tells primaries how far the other replicas have applied.
-    fn reconcile(&self, caught_up: &mut HashMap<String, f64>) {
+    fn reconcile(self: &Arc<Self>, caught_up: &mut HashMap<String, f64>) {
         let state = self.cluster.state();
         let now = unix_now();
         let resources: Vec<Arc<Resource>> = self
@@ -300,6 +297,12 @@ impl Node {
             let c = res.counters();
             let primary_here = res.logger().is_some();
             let rstate = state.resource(&name);
+            if let Some(p) = rstate.and_then(|r| r.primary())
+                && p.node != self.cfg.node
+                && self.follow_new_history(&res, p, primary_here)
+            {
+                continue;
+            }
             if primary_here {
                 let need = rstate
                     .map(|r| {
@@ -313,6 +316,8 @@ impl Node {
             } else if meta.role == Role::Secondary {
                 let mut rt = res.secondary.lock().expect("secondary lock");
                 if rt.is_none()
+                    && !meta.split_brain
+                    && meta.disk_state != resource::DiskState::Outdated
                     && rstate
                         .and_then(|r| r.primary())
                         .is_some_and(|p| p.node != self.cfg.node)
@@ -347,6 +352,8 @@ impl Node {
                         )
                     });
             let info = ReplicaInfo {
+                split_brain: meta.split_brain,
+                divergent_bytes: meta.divergent_bytes,
                 disk_state: meta.disk_state.as_str().into(),
                 fetched: c.flushed.load(Ordering::Acquire),
                 applied,
@@ -494,7 +501,12 @@ impl Node {
             &[],
         )
         .await
-        .map_err(|e| Error::Cluster(format!("{name}: handover from {old}: {e}")))?;
+        .map_err(|e| match e {
+            proto::Error::Io(e) => Error::Cluster(format!(
+                "{name}: its primary {old} is unreachable ({e}): a planned handover needs it; `marsadm primary {name} --force` fails over without it"
+            )),
+            e => Error::Cluster(format!("{name}: handover from {old}: {e}")),
+        })?;
         let Message::HandedOver { end_pos, .. } = f.msg else {
             return Err(Error::Cluster(format!(
                 "{name}: unexpected answer from {old}"
@@ -627,5 +639,202 @@ impl Node {
                 "connected"
             }
         ))
+    }
+}
+
+impl Node {
+    /// Reacts to a designated primary elsewhere in a newer generation than
+    /// this replica's log: a deposed primary stops taking writes (and is in
+    /// split brain if it logged past the fork point); a secondary that
+    /// fetched records of the deposed history cuts them off, or, if it
+    /// applied them, is Outdated until `invalidate`. Returns true while an
+    /// action runs (the resource is skipped this round).
+    fn follow_new_history(
+        self: &Arc<Self>,
+        res: &Arc<Resource>,
+        p: &PrimaryInfo,
+        primary_here: bool,
+    ) -> bool {
+        let meta = res.meta();
+        let deposed = primary_here && meta.generation < p.generation;
+        let log_gen = res.last_file_generation().unwrap_or(p.generation);
+        let end = res.log_end();
+        let stale_tail =
+            !primary_here && !meta.split_brain && log_gen < p.generation && end > p.start_pos;
+        if !deposed && !stale_tail {
+            return res.acting.load(Ordering::Acquire);
+        }
+        if res.acting.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let (res, p) = (Arc::clone(res), p.clone());
+        let name = res.name().to_string();
+        tokio::task::spawn_blocking(move || {
+            let fork = p.start_pos;
+            let result = if deposed {
+                tracing::warn!(resource = %name, new_primary = %p.node, generation = p.generation, "a newer primary exists: this node stops taking writes");
+                res.stop_for_handover().map(|()| res.log_end())
+            } else {
+                Ok(end)
+            };
+            let outcome = result.and_then(|end| {
+                let applied = res.counters().written_back.load(Ordering::Acquire);
+                if end <= fork {
+                    Ok(())
+                } else if !deposed && applied <= fork {
+                    tracing::warn!(resource = %name, fork, end, "fetched records of a deposed history: cutting them off");
+                    res.truncate_log(fork)
+                } else {
+                    tracing::error!(resource = %name, fork, end, new_primary = %p.node, "SPLIT BRAIN: this replica holds {} bytes of a deposed history; run `marsadm invalidate {name}` here (or leave-resource)", end - fork);
+                    res.update_meta(|m| {
+                        m.split_brain = true;
+                        m.divergent_bytes = end - fork;
+                        m.disk_state = resource::DiskState::Outdated;
+                    })
+                }
+            });
+            if let Err(e) = outcome {
+                tracing::error!(resource = %name, error = %e, "following the new primary failed");
+                *res.repl_error.lock().expect("error lock") = Some(e.to_string());
+            }
+            res.acting.store(false, Ordering::Release);
+        });
+        true
+    }
+
+    /// `primary NAME --force`: on a secondary whose primary is gone, applies
+    /// every complete record it has and starts a new generation there.
+    pub async fn force_primary(self: &Arc<Self>, name: &str) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        if res.logger().is_some() {
+            return Ok(format!("{name} is already primary on {}", self.cfg.node));
+        }
+        let meta = res.meta();
+        if meta.disk_state != resource::DiskState::UpToDate || meta.split_brain {
+            return Err(Error::Cluster(format!(
+                "{name} is {}{} on {}: refusing to force it primary",
+                meta.disk_state.as_str(),
+                if meta.split_brain {
+                    " (split brain)"
+                } else {
+                    ""
+                },
+                self.cfg.node
+            )));
+        }
+        let known = self
+            .cluster
+            .primary_of(name)
+            .map_or(meta.generation, |p| p.generation.max(meta.generation));
+        let r2 = Arc::clone(&res);
+        let (end, generation) = tokio::task::spawn_blocking(move || {
+            let end = r2.apply_everything_fetched()?;
+            r2.make_primary(known + 1)?;
+            Ok::<_, Error>((end, r2.meta().generation))
+        })
+        .await
+        .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??;
+        let node = self.cfg.node.clone();
+        self.announce(|m| {
+            m.set_primary(
+                name,
+                Some(PrimaryInfo {
+                    node,
+                    generation,
+                    start_pos: end,
+                }),
+            )
+        })
+        .await;
+        tracing::warn!(
+            resource = name,
+            generation,
+            pos = end,
+            "FORCED primary: a new history starts here"
+        );
+        Ok(format!(
+            "{name} is primary on {} by force (generation {generation}, from log position {end})",
+            self.cfg.node
+        ))
+    }
+
+    /// `invalidate NAME`: a non-primary replica (a split-brained old primary
+    /// included) discards its log and resyncs from the current primary by
+    /// fast full sync.
+    pub async fn invalidate(self: &Arc<Self>, name: &str) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        if res.logger().is_some() {
+            return Err(Error::Cluster(format!(
+                "{name} is primary on {}: invalidate works on other replicas",
+                self.cfg.node
+            )));
+        }
+        let p = self
+            .cluster
+            .primary_of(name)
+            .filter(|p| p.node != self.cfg.node)
+            .ok_or_else(|| {
+                Error::Cluster(format!("{name}: no other node is primary to resync from"))
+            })?;
+        let addr = self
+            .cluster
+            .addr_of(&p.node)
+            .ok_or_else(|| Error::Cluster(format!("{name}: no address for {}", p.node)))?;
+        let req = Message::SyncStart {
+            resource: name.into(),
+            node: self.cfg.node.clone(),
+        };
+        let f = proto::call(
+            &addr,
+            &self.cluster.hello(Purpose::Rpc),
+            Some(&p.node),
+            &req,
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            Error::Cluster(format!(
+                "{name}: asking its primary {} at {addr}: {e}",
+                p.node
+            ))
+        })?;
+        let Message::SyncStarted {
+            start_pos,
+            generation,
+            ..
+        } = f.msg
+        else {
+            return Err(Error::Cluster(format!(
+                "{name}: unexpected answer from its primary"
+            )));
+        };
+        let r2 = Arc::clone(&res);
+        tokio::task::spawn_blocking(move || r2.reset_for_full_sync(start_pos, generation))
+            .await
+            .map_err(|e| Error::Cluster(format!("invalidate failed: {e}")))??;
+        let info = ReplicaInfo {
+            disk_state: "Inconsistent".into(),
+            applied: start_pos,
+            ..Default::default()
+        };
+        self.announce(|m| m.set_replica(name, Some(info))).await;
+        self.ensure_secondary_runtime(&res);
+        Ok(format!(
+            "{name}: {} discards its log and resyncs from {} (full sync from log position {start_pos})",
+            self.cfg.node, p.node
+        ))
+    }
+}
+
+impl Node {
+    /// Starts the fetcher and applier of a secondary unless they run.
+    fn ensure_secondary_runtime(&self, res: &Arc<Resource>) {
+        let mut rt = res.secondary.lock().expect("secondary lock");
+        if rt.is_none() {
+            *rt = Some(secondary::Runtime::start(
+                Arc::clone(res),
+                Arc::clone(&self.cluster),
+            ));
+        }
     }
 }

@@ -93,6 +93,13 @@ pub struct ReplicaInfo {
     /// Unix time (s) when it last applied everything it had fetched from the
     /// primary, for lag in seconds.
     pub caught_up_at: f64,
+    /// This replica holds records of a deposed history past the fork point
+    /// (an old primary that kept writing after a forced failover).
+    #[serde(default)]
+    pub split_brain: bool,
+    /// How many log bytes past the fork point it holds.
+    #[serde(default)]
+    pub divergent_bytes: u64,
 }
 
 /// Everything the cluster knows about one resource.

@@ -426,6 +426,8 @@ impl Node {
                 )
             });
         let mut replicas = vec![pb::ReplicaStatus {
+            split_brain: meta.split_brain,
+            divergent_bytes: meta.divergent_bytes,
             node: self.cfg.node.clone(),
             role: role.as_str().into(),
             disk_state: meta.disk_state.as_str().into(),
@@ -445,6 +447,8 @@ impl Node {
             let lag_bytes = primary_end.saturating_sub(info.applied);
             let is_primary = primary_node.as_deref() == Some(node.as_str());
             replicas.push(pb::ReplicaStatus {
+                split_brain: info.split_brain,
+                divergent_bytes: info.divergent_bytes,
                 node: node.clone(),
                 role: if is_primary { "primary" } else { "secondary" }.into(),
                 disk_state: info.disk_state.clone(),
@@ -482,7 +486,7 @@ impl Node {
             disk_state: meta.disk_state.as_str().into(),
             primary: primary_node,
             generation: meta.generation,
-            split_brain: false,
+            split_brain: meta.split_brain,
             emergency: false,
             log: Some(log),
             replicas,

@@ -108,6 +108,12 @@ pub struct Meta {
     pub replay_paused: bool,
     #[serde(default)]
     pub disconnected: bool,
+    /// This node kept writing in a deposed generation: its data diverges
+    /// from the current primary's past `divergent_from` until `invalidate`.
+    #[serde(default)]
+    pub split_brain: bool,
+    #[serde(default)]
+    pub divergent_bytes: u64,
 }
 
 /// Where a joining replica starts: the primary's log position when its full
@@ -221,6 +227,8 @@ pub struct Resource {
     /// Held by the applier while it writes to the device, so that
     /// pause-replay returns only once nothing more is written.
     pub(crate) apply_lock: Mutex<()>,
+    /// A background role action (demotion, truncation) is under way.
+    pub(crate) acting: std::sync::atomic::AtomicBool,
 }
 
 impl Resource {
@@ -313,6 +321,8 @@ impl Resource {
             } else {
                 DiskState::UpToDate
             },
+            split_brain: false,
+            divergent_bytes: 0,
             fetch_paused: false,
             replay_paused: false,
             disconnected: false,
@@ -399,6 +409,7 @@ impl Resource {
             repl_error: Mutex::new(None),
             sync_progress: Mutex::new(None),
             apply_lock: Mutex::new(()),
+            acting: std::sync::atomic::AtomicBool::new(false),
         });
         res.replay()?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {
@@ -661,6 +672,120 @@ impl Resource {
             tracing::info!(resource = %self.name, "became secondary");
         }
         Ok(())
+    }
+
+    /// Before a forced promotion: stops fetching and applying, makes the
+    /// local log durable and applies every complete record in it.
+    /// Returns where the log ends. Blocking.
+    pub(crate) fn apply_everything_fetched(&self) -> Result<u64> {
+        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
+        let _changing = self.role_change.lock().expect("role lock");
+        if let Some(a) = self.store.resume_last().map_err(self.err_log())? {
+            a.sync().map_err(|source| Error::Io {
+                resource: self.name.clone(),
+                what: "syncing the log",
+                source,
+            })?;
+        }
+        let apply_err = |source| Error::Apply {
+            resource: self.name.clone(),
+            source,
+        };
+        let start = Position::load(&*self.storage, &self.position_path())
+            .map_err(apply_err)?
+            .unwrap_or_default();
+        let mut app = Applicator::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.storage),
+            Arc::clone(&self.backing),
+            self.meta().backing,
+            self.position_path(),
+            start,
+        );
+        if !self.store.files().is_empty() {
+            app.apply_all().map_err(apply_err)?;
+        }
+        let pos = app.position().pos;
+        self.counters.written_back.store(pos, Ordering::Release);
+        self.counters.flushed.store(pos, Ordering::Release);
+        self.counters.appended.store(pos, Ordering::Release);
+        Ok(self.store.files().last().map_or(pos, |f| f.end_pos))
+    }
+
+    /// The end of the local log (or the applied position without logfiles).
+    pub(crate) fn log_end(&self) -> u64 {
+        self.store
+            .files()
+            .last()
+            .map_or(self.counters.written_back.load(Ordering::Acquire), |f| {
+                f.end_pos
+            })
+    }
+
+    /// Generation of the newest local logfile.
+    pub(crate) fn last_file_generation(&self) -> Option<u64> {
+        self.store.files().last().map(|f| f.header.generation)
+    }
+
+    /// Cuts the local log back to the fork point of a new history (only
+    /// records that were fetched, never applied, are cut).
+    pub(crate) fn truncate_log(&self, pos: u64) -> Result<()> {
+        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
+        let freed = self.store.truncate_to(pos).map_err(self.err_log())?;
+        self.quota.release(freed);
+        self.counters.appended.store(pos, Ordering::Release);
+        self.counters.flushed.store(pos, Ordering::Release);
+        Ok(())
+    }
+
+    /// Starts over as a replica that needs a full sync from `start_pos` of
+    /// the current primary's log (invalidate): forgets the local log and
+    /// any split brain. The device keeps its data: the fast full sync sends
+    /// only chunks that differ.
+    pub(crate) fn reset_for_full_sync(&self, start_pos: u64, generation: u64) -> Result<()> {
+        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+            rt.stop();
+        }
+        let _changing = self.role_change.lock().expect("role lock");
+        if self.logger().is_some() {
+            return Err(Error::Cluster(format!(
+                "{} is primary here: invalidate needs a secondary",
+                self.name
+            )));
+        }
+        let freed = self.store.delete_all().map_err(self.err_log())?;
+        self.quota.release(freed);
+        Position {
+            pos: start_pos,
+            next_seq: 0,
+        }
+        .store(&*self.storage, &self.position_path())
+        .map_err(|source| Error::Apply {
+            resource: self.name.clone(),
+            source,
+        })?;
+        for c in [
+            &self.counters.appended,
+            &self.counters.flushed,
+            &self.counters.written_back,
+        ] {
+            c.store(start_pos, Ordering::Release);
+        }
+        self.update_meta(|m| {
+            m.role = Role::Secondary;
+            m.generation = generation;
+            m.disk_state = DiskState::Inconsistent;
+            m.split_brain = false;
+            m.divergent_bytes = 0;
+            m.sync = Some(SyncMeta {
+                start_pos,
+                target: None,
+            });
+        })
     }
 
     /// Gives up the primary role for a planned handover: unlike `secondary`,

@@ -95,9 +95,25 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
         .store(start.pos, Ordering::Release);
     while !stop.load(Ordering::Acquire) {
         let meta = res.meta();
+        let pos = app.position().pos;
+        // A full sync is done once replay has passed the position at the
+        // end of the copy (it may already be there).
+        if let Some(s) = meta.sync
+            && s.target.is_some_and(|t| pos >= t)
+        {
+            match res.update_meta(|m| {
+                m.disk_state = DiskState::UpToDate;
+                m.sync = None;
+            }) {
+                Ok(()) => tracing::info!(resource = %name, pos, "full sync complete: UpToDate"),
+                Err(e) => {
+                    tracing::error!(resource = %name, error = %e, "recording UpToDate failed")
+                }
+            }
+            continue;
+        }
         let copying = meta.sync.is_some_and(|s| s.target.is_none());
         let limit = res.counters().flushed.load(Ordering::Acquire);
-        let pos = app.position().pos;
         if copying || meta.replay_paused || limit <= pos || res.store().files().is_empty() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
@@ -113,22 +129,6 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
                 res.counters()
                     .written_back
                     .store(applied, Ordering::Release);
-                if let Some(s) = meta.sync
-                    && s.target.is_some_and(|t| applied >= t)
-                {
-                    let r = res.update_meta(|m| {
-                        m.disk_state = DiskState::UpToDate;
-                        m.sync = None;
-                    });
-                    match r {
-                        Ok(()) => {
-                            tracing::info!(resource = %name, pos = applied, "full sync complete: UpToDate")
-                        }
-                        Err(e) => {
-                            tracing::error!(resource = %name, error = %e, "recording UpToDate failed")
-                        }
-                    }
-                }
                 match res.store().delete_before(applied) {
                     Ok(freed) => res.quota().release(freed),
                     Err(e) => {

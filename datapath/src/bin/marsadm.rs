@@ -43,8 +43,16 @@ enum Command {
     DeleteResource {
         name: String,
     },
-    /// Make this node primary for the resource.
+    /// Make this node primary for the resource: a planned handover from the
+    /// current primary, or with --force a failover when it is unreachable.
     Primary {
+        name: String,
+        /// Take over although the primary is unreachable (its unshipped writes are lost to this history).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Discard this replica's log and resync it from the primary (after split brain).
+    Invalidate {
         name: String,
     },
     /// Make this node secondary for the resource (refused while in use).
@@ -218,9 +226,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             c.create_resource(pb::CreateResourceRequest { name, path, size })
                 .await?
         }
-        Command::DeleteResource { name } => c.delete_resource(pb::ResourceRequest { name }).await?,
-        Command::Primary { name } => c.primary(pb::ResourceRequest { name }).await?,
-        Command::Secondary { name } => c.secondary(pb::ResourceRequest { name }).await?,
+        Command::DeleteResource { name } => {
+            c.delete_resource(pb::ResourceRequest { name, force: false })
+                .await?
+        }
+        Command::Primary { name, force } => c.primary(pb::ResourceRequest { name, force }).await?,
+        Command::Invalidate { name } => {
+            c.invalidate(pb::ResourceRequest { name, force: false })
+                .await?
+        }
+        Command::Secondary { name } => {
+            c.secondary(pb::ResourceRequest { name, force: false })
+                .await?
+        }
         Command::Resize { name, .. } => {
             c.resize(pb::ResizeRequest {
                 name,
@@ -237,7 +255,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             c.join_resource(pb::JoinResourceRequest { name, path })
                 .await?
         }
-        Command::LeaveResource { name } => c.leave_resource(pb::ResourceRequest { name }).await?,
+        Command::LeaveResource { name } => {
+            c.leave_resource(pb::ResourceRequest { name, force: false })
+                .await?
+        }
         Command::PauseFetch { name } => c.steer(steer(name, "pause-fetch")).await?,
         Command::ResumeFetch { name } => c.steer(steer(name, "resume-fetch")).await?,
         Command::PauseReplay { name } => c.steer(steer(name, "pause-replay")).await?,
@@ -245,8 +266,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Disconnect { name } => c.steer(steer(name, "disconnect")).await?,
         Command::Connect { name } => c.steer(steer(name, "connect")).await?,
         Command::Wait { name, timeout } => return wait(&mut c, &name, timeout).await,
-        Command::LogRotate { name } => c.log_rotate(pb::ResourceRequest { name }).await?,
-        Command::LogDelete { name } => c.log_delete(pb::ResourceRequest { name }).await?,
+        Command::LogRotate { name } => {
+            c.log_rotate(pb::ResourceRequest { name, force: false })
+                .await?
+        }
+        Command::LogDelete { name } => {
+            c.log_delete(pb::ResourceRequest { name, force: false })
+                .await?
+        }
         Command::View { name, json } => {
             let v = c
                 .view(pb::ViewRequest {
@@ -338,6 +365,19 @@ fn table(v: &pb::ViewReply) -> String {
                 rep.applied,
                 format_size(rep.lag_bytes),
                 rep.lag_seconds
+            ));
+        }
+        if r.split_brain {
+            out.push_str(&format!(
+                "  SPLIT BRAIN: this node wrote past the fork of a newer primary; `marsadm invalidate {}` resyncs it\n",
+                r.name
+            ));
+        }
+        for rep in r.replicas.iter().filter(|x| x.split_brain) {
+            out.push_str(&format!(
+                "  split brain on {}: {} of divergent log past the fork point\n",
+                rep.node,
+                format_size(rep.divergent_bytes)
             ));
         }
         if let Some(e) = &r.error {

@@ -37,6 +37,10 @@ struct Args {
     /// Replication port for peers, ADDR:PORT.
     #[arg(long)]
     listen: SocketAddr,
+    /// Seconds a restarting node waits to hear from its peers before it
+    /// exports volumes (to learn of a failover that happened meanwhile).
+    #[arg(long, default_value_t = 5.0)]
+    startup_wait: f64,
     /// Address peers use to reach --listen (needed when it is 0.0.0.0) [default: --listen].
     #[arg(long)]
     advertise: Option<String>,
@@ -105,6 +109,28 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     node.start_replication(peers);
+    // A restarting primary first tries to hear from the other members, so
+    // that it learns of a newer generation (a failover while it was down)
+    // before it exports anything.
+    let deadline = Instant::now() + Duration::from_secs_f64(args.startup_wait);
+    while Instant::now() < deadline
+        && !node
+            .cluster()
+            .peers()
+            .iter()
+            .all(|(n, _)| node.cluster().connected(n))
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let a demotion that this triggered take effect before exporting.
+    tokio::time::sleep(Duration::from_millis(
+        if node.cluster().peers().is_empty() {
+            0
+        } else {
+            1200
+        },
+    ))
+    .await;
 
     let nbd_task = match args.nbd {
         Some(addr) => {

@@ -70,8 +70,12 @@ impl Marsd for Service {
         &self,
         req: Request<pb::ResourceRequest>,
     ) -> Result<Response<pb::Reply>, Status> {
-        let name = req.into_inner().name;
-        reply(self.node.make_primary(&name).await?)
+        let r = req.into_inner();
+        if r.force {
+            reply(self.node.force_primary(&r.name).await?)
+        } else {
+            reply(self.node.make_primary(&r.name).await?)
+        }
     }
 
     async fn secondary(
@@ -145,6 +149,14 @@ impl Marsd for Service {
         let msg = self.blocking(move |n| n.leave_resource(&name)).await?;
         crate::replication::links::push_to_all(self.node.cluster()).await;
         reply(msg)
+    }
+
+    async fn invalidate(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        reply(self.node.invalidate(&name).await?)
     }
 
     async fn steer(&self, req: Request<pb::SteerRequest>) -> Result<Response<pb::Reply>, Status> {

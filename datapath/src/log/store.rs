@@ -312,6 +312,75 @@ impl LogStore {
         }))
     }
 
+    /// Cuts the log back to `pos` (a record boundary): later logfiles are
+    /// deleted, the one holding `pos` is truncated there. Used when a
+    /// replica learns that records past `pos` belong to a deposed history.
+    /// Returns bytes freed.
+    pub fn truncate_to(&self, pos: u64) -> Result<u64> {
+        let files = self.files();
+        let mut freed = 0;
+        for f in files.iter().rev() {
+            if f.end_pos <= pos {
+                break;
+            }
+            if f.header.start_pos >= pos {
+                self.storage
+                    .remove_file(&f.path)
+                    .map_err(Error::io(&f.path))?;
+                freed += f.end_pos - f.header.start_pos;
+                tracing::warn!(file = %f.path.display(), "deleted logfile of a deposed history");
+            } else {
+                let file = self
+                    .storage
+                    .open(&f.path, OpenMode::ReadWrite)
+                    .map_err(Error::io(&f.path))?;
+                let mut reader =
+                    RecordReader::new(Arc::clone(&file), FIRST_RECORD, Some(f.header.first_seq))
+                        .map_err(Error::io(&f.path))?;
+                let mut end_seq = f.header.first_seq;
+                while let Some((off, rec)) = reader.next_record().map_err(Error::io(&f.path))? {
+                    if f.header.start_pos + off - FIRST_RECORD >= pos {
+                        break;
+                    }
+                    end_seq = rec.header.seq + 1;
+                }
+                file.set_len(pos - f.header.start_pos + FIRST_RECORD)
+                    .map_err(Error::io(&f.path))?;
+                file.sync_data().map_err(Error::io(&f.path))?;
+                freed += f.end_pos - pos;
+                tracing::warn!(file = %f.path.display(), pos, "cut logfile back to the fork point");
+                let mut list = self.files.lock().expect("log store lock");
+                if let Some(l) = list.iter_mut().find(|l| l.file_seq == f.file_seq) {
+                    l.end_pos = pos;
+                    l.end_seq = end_seq;
+                }
+            }
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(Error::io(&self.dir))?;
+        let mut list = self.files.lock().expect("log store lock");
+        list.retain(|f| f.header.start_pos < pos);
+        Ok(freed)
+    }
+
+    /// Deletes every logfile (a replica that starts over with a full sync).
+    /// Returns bytes freed.
+    pub fn delete_all(&self) -> Result<u64> {
+        let files = std::mem::take(&mut *self.files.lock().expect("log store lock"));
+        let mut freed = 0;
+        for f in &files {
+            self.storage
+                .remove_file(&f.path)
+                .map_err(Error::io(&f.path))?;
+            freed += f.end_pos - f.header.start_pos;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(Error::io(&self.dir))?;
+        Ok(freed)
+    }
+
     /// A cursor over the records from log position `pos` on.
     pub fn cursor(self: &Arc<Self>, pos: u64) -> Result<LogCursor> {
         let files = self.files();

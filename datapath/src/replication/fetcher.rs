@@ -89,6 +89,14 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                 .await
                 .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
         cluster.heard_from(&primary.node);
+        if cluster
+            .primary_of(res.name())
+            .is_none_or(|p| p.node != primary.node || p.generation != primary.generation)
+        {
+            return Err(FetchError::Bad(
+                "a stream from a node that is no longer the primary; switching".into(),
+            ));
+        }
         match frame.msg {
             Message::LogFile { file_seq, origin } => {
                 let header = FileHeader::decode(&frame.data)
