@@ -104,6 +104,14 @@ impl Daemon {
         d
     }
 
+    /// Starts marsd as node `node` (for clusters of several daemons).
+    pub fn start_named(node: &str, extra: &[&str]) -> Daemon {
+        let mut d = Self::new(extra);
+        d.node = node.into();
+        d.restart();
+        d
+    }
+
     /// A daemon that is not running yet (call [`Daemon::restart`] or
     /// [`Daemon::spawn`]).
     pub fn new(extra: &[&str]) -> Daemon {

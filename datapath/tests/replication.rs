@@ -1,0 +1,196 @@
+//! Replication between real marsd processes on loopback: join, planned
+//! handover, forced failover with split brain and its resolution. (The
+//! network-namespace tier with cut links and loss lives in `e2e/`.)
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::daemon::Daemon;
+use support::nbd_client;
+
+const MIB: u64 = 1 << 20;
+
+fn block(tag: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| tag ^ (i / 4096) as u8).collect()
+}
+
+fn write(d: &Daemon, offset: u64, tag: u8, len: usize) {
+    let mut c = nbd_client::connect(d.nbd_addr(), "r1").unwrap();
+    c.write(offset, &block(tag, len), false).unwrap();
+    c.flush().unwrap();
+    c.disconnect().unwrap();
+}
+
+fn read(d: &Daemon, offset: u64, len: u32) -> Vec<u8> {
+    let mut c = nbd_client::connect(d.nbd_addr(), "r1").unwrap();
+    let data = c.read(offset, len).unwrap();
+    c.disconnect().unwrap();
+    data
+}
+
+/// Three nodes a, b, c with r1 (8 MiB... 32 MiB) created on a and joined by b and c.
+fn cluster() -> (Daemon, Daemon, Daemon) {
+    let a = Daemon::start_named("a", &["--startup-wait", "3"]);
+    let b = Daemon::start_named("b", &["--startup-wait", "3"]);
+    let c = Daemon::start_named("c", &["--startup-wait", "3"]);
+    a.marsadm_ok(&[
+        "create-resource",
+        "r1",
+        a.path("r1.img").to_str().unwrap(),
+        "--size",
+        "32M",
+    ]);
+    write(&a, 0, 0xa1, 4 * MIB as usize);
+    let peer = a.listen_addr().to_string();
+    for d in [&b, &c] {
+        d.marsadm_ok(&["join-cluster", &peer]);
+        d.marsadm_ok(&["join-resource", "r1", d.path("r1.img").to_str().unwrap()]);
+    }
+    wait(&a);
+    (a, b, c)
+}
+
+fn wait(d: &Daemon) {
+    let out = d.marsadm(&["wait", "r1", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "wait: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.stderr()
+    );
+}
+
+fn replica<'a>(view: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    view["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node)
+        .unwrap_or_else(|| panic!("no replica {node} in {view:#}"))
+}
+
+fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn image(d: &Daemon) -> Vec<u8> {
+    std::fs::read(d.path("r1.img")).unwrap()
+}
+
+#[test]
+fn joined_replicas_become_identical_and_report_positions() {
+    let (a, b, c) = cluster();
+    write(&a, 8 * MIB, 0xb2, MIB as usize);
+    wait(&a);
+    let v = a.resource_view("r1");
+    let appended = v["log"]["appended"].as_u64().unwrap();
+    for n in ["a", "b", "c"] {
+        let r = replica(&v, n);
+        assert_eq!(r["disk_state"], "UpToDate", "{v:#}");
+        assert_eq!(r["connected"], true, "{v:#}");
+        assert!(r["applied"].as_u64().unwrap() >= appended, "{v:#}");
+    }
+    // The secondaries' raw images equal what the primary's device reads.
+    let device = read(&a, 0, 32 * MIB as u32);
+    for d in [&b, &c] {
+        assert!(
+            image(d) == device,
+            "{}'s backing file differs from the primary's device",
+            d.node()
+        );
+    }
+}
+
+#[test]
+fn planned_handover_moves_the_primary_without_losing_a_write() {
+    let (a, b, _c) = cluster();
+    write(&a, 6 * MIB, 0xc3, MIB as usize);
+    // A client still attached to the old primary gets an error after the handover.
+    let mut stale = nbd_client::connect(a.nbd_addr(), "r1").unwrap();
+    let out = b.marsadm_ok(&["primary", "r1"]);
+    assert!(out.contains("handed over from a"), "{out}");
+    assert!(
+        stale.write(0, &block(0xff, 4096), false).is_err(),
+        "the old primary must refuse writes"
+    );
+    assert_eq!(
+        read(&b, 6 * MIB, MIB as u32),
+        block(0xc3, MIB as usize),
+        "a completed write was lost"
+    );
+    assert_eq!(read(&b, 0, 4 * MIB as u32), block(0xa1, 4 * MIB as usize));
+    write(&b, 12 * MIB, 0xd4, MIB as usize);
+    wait(&b);
+    let v = a.resource_view("r1");
+    assert_eq!(v["role"], "secondary");
+    assert_eq!(v["primary"], "b");
+    assert!(
+        image(&a) == read(&b, 0, 32 * MIB as u32),
+        "the old primary does not follow the new one"
+    );
+}
+
+#[test]
+fn forced_failover_reports_split_brain_and_invalidate_resolves_it() {
+    let (mut a, b, c) = cluster();
+    b.marsadm_ok(&["pause-fetch", "r1"]);
+    c.marsadm_ok(&["pause-fetch", "r1"]);
+    // Written on a only: its divergent tail.
+    write(&a, 10 * MIB, 0xdd, 2 * MIB as usize);
+    a.kill9();
+    // Without --force the unreachable primary blocks a takeover, with a hint.
+    until("a to be seen as down", 10, || {
+        let out = c.marsadm(&["primary", "r1"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success());
+        err.contains("--force")
+    });
+    c.marsadm_ok(&["resume-fetch", "r1"]);
+    let out = c.marsadm_ok(&["primary", "r1", "--force"]);
+    assert!(out.contains("by force"), "{out}");
+    b.marsadm_ok(&["resume-fetch", "r1"]);
+    write(&c, 20 * MIB, 0x33, MIB as usize);
+    a.restart();
+    until("split brain on a", 20, || {
+        a.resource_view("r1")["split_brain"] == true
+    });
+    let va = a.resource_view("r1");
+    assert_eq!(
+        va["role"], "secondary",
+        "the deposed primary stops taking writes: {va:#}"
+    );
+    assert!(
+        nbd_client::connect(a.nbd_addr(), "r1").is_err(),
+        "the deposed primary exports nothing"
+    );
+    until("c to see a's split brain", 10, || {
+        replica(&c.resource_view("r1"), "a")["split_brain"] == true
+    });
+    let divergent = replica(&c.resource_view("r1"), "a")["divergent_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(divergent >= 2 * MIB, "divergent tail {divergent}");
+    // Nothing of a's divergent writes is on the new primary.
+    assert_eq!(
+        read(&c, 10 * MIB, 2 * MIB as u32),
+        vec![0u8; 2 * MIB as usize]
+    );
+    a.marsadm_ok(&["invalidate", "r1"]);
+    wait(&c);
+    let va = a.resource_view("r1");
+    assert_eq!(va["split_brain"], false);
+    assert_eq!(va["disk_state"], "UpToDate");
+    let device = read(&c, 0, 32 * MIB as u32);
+    for d in [&a, &b] {
+        assert!(
+            image(d) == device,
+            "{} differs from the new primary",
+            d.node()
+        );
+    }
+}
