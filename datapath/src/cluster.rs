@@ -26,6 +26,7 @@ pub struct Cluster {
     path: PathBuf,
     membership: Mutex<Membership>,
     heard: Mutex<HashMap<String, Instant>>,
+    persist_lock: Mutex<()>,
     /// Wakes whoever waits for a state change (links, resources).
     pub changed: tokio::sync::Notify,
 }
@@ -74,6 +75,7 @@ impl Cluster {
             path,
             membership: Mutex::new(m),
             heard: Mutex::new(HashMap::new()),
+            persist_lock: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
         };
         c.persist();
@@ -109,6 +111,9 @@ impl Cluster {
     }
 
     fn persist(&self) {
+        // One save at a time, state taken inside: concurrent saves would share
+        // the temporary file, and an older state could overwrite a newer one.
+        let _saving = self.persist_lock.lock().expect("persist lock");
         let bytes =
             serde_json::to_vec_pretty(&self.membership.lock().expect("membership lock").state)
                 .expect("state serializes");

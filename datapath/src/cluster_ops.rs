@@ -303,17 +303,27 @@ impl Node {
             {
                 continue;
             }
+            let dropped = rstate.map(|r| r.dropped()).unwrap_or_default();
             if primary_here {
-                let need = rstate
-                    .map(|r| {
-                        r.replicas()
-                            .filter(|(n, _)| **n != self.cfg.node)
-                            .map(|(_, i)| i.applied)
-                            .min()
-                    })
-                    .unwrap_or(None);
-                res.set_delete_floor(need);
+                self.keep_logs_for_replicas(&res, rstate, dropped);
             } else if meta.role == Role::Secondary {
+                if dropped.contains_key(&self.cfg.node)
+                    && !meta.fetch_paused
+                    && !meta.disconnected
+                    && !res.acting.swap(true, Ordering::AcqRel)
+                {
+                    // The primary gave our logfiles up (emergency mode): resync.
+                    let (node, res2) = (Arc::clone(self), Arc::clone(&res));
+                    tokio::spawn(async move {
+                        tracing::warn!(resource = %res2.name(), "the primary gave up our logfiles (emergency mode): full sync");
+                        if let Err(e) = node.invalidate(res2.name()).await {
+                            *res2.repl_error.lock().expect("error lock") =
+                                Some(format!("emergency resync: {e}"));
+                        }
+                        res2.acting.store(false, Ordering::Release);
+                    });
+                    continue;
+                }
                 let mut rt = res.secondary.lock().expect("secondary lock");
                 if rt.is_none()
                     && !meta.split_brain
@@ -835,6 +845,74 @@ impl Node {
                 Arc::clone(res),
                 Arc::clone(&self.cluster),
             ));
+        }
+    }
+}
+
+impl Node {
+    /// On the primary: logfiles stay until every other replica has applied
+    /// them. Emergency mode: when writers wait for log space that a lagging
+    /// replica holds, the primary gives that replica's logfiles up (it then
+    /// needs a full sync, visibly) rather than stop serving writes.
+    fn keep_logs_for_replicas(
+        &self,
+        res: &Arc<Resource>,
+        rstate: Option<&crate::membership::ResourceState>,
+        mut dropped: std::collections::BTreeMap<String, u64>,
+    ) {
+        let name = res.name().to_string();
+        let others: Vec<(String, u64)> = rstate
+            .into_iter()
+            .flat_map(|r| r.replicas())
+            .filter(|(n, _)| **n != self.cfg.node && !dropped.contains_key(*n))
+            .map(|(n, i)| (n.clone(), i.applied))
+            .collect();
+        let need = others.iter().map(|(_, a)| *a).min();
+        res.set_delete_floor(need);
+        let written_back = res.counters().written_back.load(Ordering::Acquire);
+        if self.quota.waiting() == 0 {
+            return;
+        }
+        // Writers wait for log space: free what may go now.
+        if let Err(e) = res.log_delete() {
+            tracing::warn!(resource = %name, error = %e, "deleting logfiles for waiting writers failed");
+        }
+        if need.is_none_or(|n| n >= written_back) {
+            return;
+        }
+        let Some((laggard, applied)) = others.into_iter().min_by_key(|(_, a)| *a) else {
+            return;
+        };
+        tracing::error!(
+            resource = %name, replica = %laggard, applied, written_back,
+            "EMERGENCY: log space is exhausted; giving up the logfiles replica {laggard} still needs: it will need a full sync"
+        );
+        res.unpin(&laggard);
+        dropped.insert(laggard, applied);
+        let need = rstate
+            .into_iter()
+            .flat_map(|r| r.replicas())
+            .filter(|(n, _)| **n != self.cfg.node && !dropped.contains_key(*n))
+            .map(|(_, i)| i.applied)
+            .min();
+        self.cluster.update(true, |m| m.set_dropped(&name, dropped));
+        res.set_delete_floor(need);
+        if let Err(e) = res.log_delete() {
+            tracing::warn!(resource = %name, error = %e, "deleting given-up logfiles failed");
+        }
+    }
+
+    /// A replica starts a full sync: it is no longer given up.
+    pub(crate) fn undrop(&self, resource: &str, node: &str) {
+        let mut dropped = self
+            .cluster
+            .state()
+            .resource(resource)
+            .map(|r| r.dropped())
+            .unwrap_or_default();
+        if dropped.remove(node).is_some() {
+            self.cluster
+                .update(true, |m| m.set_dropped(resource, dropped));
         }
     }
 }

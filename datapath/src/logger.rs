@@ -382,12 +382,20 @@ impl Logger {
             .acquire_many_owned(cost)
             .await
             .map_err(|_| IoError::ShuttingDown(self.resource().into()))?;
-        let quota32 = quota as u32;
-        if !self.shared.quota.try_reserve(quota32) {
+        // A large write reserves at most a quarter of the quota (and is
+        // charged the rest as debt): the newest logfile is never deleted,
+        // so waiting for more could last forever.
+        let reserve = quota
+            .min(self.shared.quota.limit() / 4)
+            .min(u32::MAX as u64) as u32;
+        if !self.shared.quota.try_reserve(reserve) {
             tracing::warn!(resource = %self.resource(), bytes = quota, "log quota exhausted: writer waits for writeback and log deletion");
             self.send(LogReq::Rotate { reply: None })?;
             self.shared.want_sync();
-            self.shared.quota.reserve(quota32).await;
+            self.shared.quota.reserve(reserve).await;
+        }
+        if (reserve as u64) < quota {
+            self.shared.quota.charge_existing(quota - reserve as u64);
         }
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.send(LogReq::Write {

@@ -108,18 +108,31 @@ pub struct ResourceState {
     pub config: Option<Entry<ResourceConfig>>,
     pub primary: Option<Entry<PrimaryInfo>>,
     pub replicas: BTreeMap<String, Entry<ReplicaInfo>>,
+    /// Emergency mode, written by the primary: replicas whose logfiles it
+    /// gave up (node → the position they had applied). They need a full sync.
+    #[serde(default)]
+    pub dropped: Option<Entry<BTreeMap<String, u64>>>,
 }
 
 impl ResourceState {
     fn merge(&mut self, other: &ResourceState) -> bool {
         let mut changed = merge_opt(&mut self.config, &other.config);
         changed |= merge_opt(&mut self.primary, &other.primary);
+        changed |= merge_opt(&mut self.dropped, &other.dropped);
         changed |= merge_map(&mut self.replicas, &other.replicas);
         changed
     }
 
     pub fn config(&self) -> Option<&ResourceConfig> {
         self.config.as_ref().and_then(|e| e.value.as_ref())
+    }
+
+    /// Replicas given up in emergency mode.
+    pub fn dropped(&self) -> BTreeMap<String, u64> {
+        self.dropped
+            .as_ref()
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
     }
 
     pub fn primary(&self) -> Option<&PrimaryInfo> {
@@ -264,6 +277,16 @@ impl Membership {
             .entry(resource.to_string())
             .or_default()
             .primary = Some(e);
+    }
+
+    /// The primary's list of replicas given up in emergency mode.
+    pub fn set_dropped(&mut self, resource: &str, dropped: BTreeMap<String, u64>) {
+        let e = self.entry(Some(dropped));
+        self.state
+            .resources
+            .entry(resource.to_string())
+            .or_default()
+            .dropped = Some(e);
     }
 
     /// Our own replica's entry (only we write it); `None` removes it.

@@ -400,6 +400,15 @@ impl Node {
         let state = self.cluster.state();
         let rstate = state.resource(r.name());
         let primary_node = rstate.and_then(|s| s.primary()).map(|p| p.node.clone());
+        let dropped = rstate.map(|s| s.dropped()).unwrap_or_default();
+        // A replica given up in emergency mode is Outdated until its full sync starts.
+        let state_of = |node: &str, reported: &str| {
+            if dropped.contains_key(node) && reported != "Inconsistent" {
+                "Outdated".to_string()
+            } else {
+                reported.to_string()
+            }
+        };
         let primary_end = rstate
             .and_then(|s| {
                 primary_node
@@ -430,11 +439,16 @@ impl Node {
             divergent_bytes: meta.divergent_bytes,
             node: self.cfg.node.clone(),
             role: role.as_str().into(),
-            disk_state: meta.disk_state.as_str().into(),
+            disk_state: state_of(&self.cfg.node, meta.disk_state.as_str()),
             connected: true,
             fetched: flushed,
             applied: written_back,
-            lag_bytes: primary_end.saturating_sub(written_back),
+            // The primary's own writeback backlog is not replication lag.
+            lag_bytes: if primary_here {
+                0
+            } else {
+                primary_end.saturating_sub(written_back)
+            },
             lag_seconds: 0.0,
             sync_progress: progress.map(|p| p.0),
             sync_rate_bytes: progress.map(|p| p.1),
@@ -451,7 +465,7 @@ impl Node {
                 divergent_bytes: info.divergent_bytes,
                 node: node.clone(),
                 role: if is_primary { "primary" } else { "secondary" }.into(),
-                disk_state: info.disk_state.clone(),
+                disk_state: state_of(node, &info.disk_state),
                 connected: self.cluster.connected(node),
                 fetched: info.fetched,
                 applied: info.applied,
@@ -487,7 +501,8 @@ impl Node {
             primary: primary_node,
             generation: meta.generation,
             split_brain: meta.split_brain,
-            emergency: false,
+            emergency: !dropped.is_empty()
+                && (primary_here || dropped.contains_key(&self.cfg.node)),
             log: Some(log),
             replicas,
             backing: meta.backing.display().to_string(),

@@ -13,6 +13,8 @@ pub struct LogQuota {
     sem: Semaphore,
     /// Bytes in use beyond the limit (logs found at start-up): repaid first.
     debt: Mutex<u64>,
+    /// Writers waiting for space right now (emergency mode looks at it).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl LogQuota {
@@ -22,6 +24,7 @@ impl LogQuota {
             limit,
             sem: Semaphore::new(permits),
             debt: Mutex::new(0),
+            waiting: Default::default(),
         }
     }
 
@@ -73,9 +76,19 @@ impl LogQuota {
 
     /// Reserves `bytes`, waiting while the quota is used up.
     pub async fn reserve(&self, bytes: u32) {
+        use std::sync::atomic::Ordering;
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _done = scopeguard(|| {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        });
         if let Ok(p) = self.sem.acquire_many(bytes).await {
             p.forget();
         }
+    }
+
+    /// Writers waiting for log space right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Gives back bytes of deleted logfiles (or of records never logged).
@@ -97,6 +110,17 @@ impl LogQuota {
 /// whichever is smaller.
 pub fn default_quota(free_bytes: u64) -> u64 {
     (16u64 << 30).min(free_bytes / 2)
+}
+
+/// Runs `f` when dropped (also when a waiting future is cancelled).
+fn scopeguard<F: FnMut()>(f: F) -> impl Drop {
+    struct Guard<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    Guard(f)
 }
 
 #[cfg(test)]

@@ -547,6 +547,14 @@ impl Resource {
         pins.push((node.to_string(), pos, Instant::now()));
     }
 
+    /// Drops the pin of a replica that was given up.
+    pub(crate) fn unpin(&self, node: &str) {
+        self.pins
+            .lock()
+            .expect("pins lock")
+            .retain(|(n, _, _)| n != node);
+    }
+
     /// Sets where log deletion must stop for the other replicas: the
     /// lowest position any of them (or a pending full sync) still needs.
     pub(crate) fn set_delete_floor(&self, replicas_need: Option<u64>) {

@@ -367,6 +367,11 @@ fn table(v: &pb::ViewReply) -> String {
                 rep.lag_seconds
             ));
         }
+        if r.emergency {
+            out.push_str(
+                "  EMERGENCY: log space ran out; replicas shown Outdated had their logfiles given up and resync by full sync\n",
+            );
+        }
         if r.split_brain {
             out.push_str(&format!(
                 "  SPLIT BRAIN: this node wrote past the fork of a newer primary; `marsadm invalidate {}` resyncs it\n",
@@ -411,15 +416,21 @@ async fn wait(
         code: 1,
         message: format!("resource {name} not found"),
     })?;
-    let primary = r.primary.clone().ok_or_else(|| Failure {
-        code: 1,
-        message: format!("{name} has no primary"),
-    })?;
-    let target = r
-        .replicas
-        .iter()
-        .find(|x| x.node == primary)
-        .map_or(0, |x| x.fetched);
+    // With a primary: what it had logged. Between `secondary` and `primary`
+    // (no primary designated): the furthest any replica has the log.
+    let target = match &r.primary {
+        Some(p) => r
+            .replicas
+            .iter()
+            .find(|x| &x.node == p)
+            .map_or(0, |x| x.fetched),
+        None => r
+            .replicas
+            .iter()
+            .map(|x| x.fetched.max(x.applied))
+            .max()
+            .unwrap_or(0),
+    };
     let tty = std::io::stderr().is_terminal();
     loop {
         let v = view(c).await?;
