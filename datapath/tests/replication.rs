@@ -197,9 +197,25 @@ fn forced_failover_reports_split_brain_and_invalidate_resolves_it() {
 
 #[test]
 fn emergency_mode_keeps_the_primary_writing_and_resyncs_the_laggard() {
-    let a = Daemon::start_named("a", &["--log-quota", "4M", "--logfile-size", "1M", "--startup-wait", "3"]);
+    let a = Daemon::start_named(
+        "a",
+        &[
+            "--log-quota",
+            "4M",
+            "--logfile-size",
+            "1M",
+            "--startup-wait",
+            "3",
+        ],
+    );
     let b = Daemon::start_named("b", &["--startup-wait", "3"]);
-    a.marsadm_ok(&["create-resource", "r1", a.path("r1.img").to_str().unwrap(), "--size", "32M"]);
+    a.marsadm_ok(&[
+        "create-resource",
+        "r1",
+        a.path("r1.img").to_str().unwrap(),
+        "--size",
+        "32M",
+    ]);
     write(&a, 0, 0xa1, 2 * MIB as usize);
     b.marsadm_ok(&["join-cluster", &a.listen_addr().to_string()]);
     b.marsadm_ok(&["join-resource", "r1", b.path("r1.img").to_str().unwrap()]);
@@ -211,12 +227,22 @@ fn emergency_mode_keeps_the_primary_writing_and_resyncs_the_laggard() {
     for i in 0..14u64 {
         write(&a, (2 + i) * MIB, 0x40 + i as u8, MIB as usize);
     }
-    assert!(started.elapsed() < Duration::from_secs(30), "writes stalled for {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "writes stalled for {:?}",
+        started.elapsed()
+    );
     let v = a.resource_view("r1");
     assert_eq!(v["emergency"], true, "{v:#}");
     assert_eq!(replica(&v, "b")["disk_state"], "Outdated", "{v:#}");
     b.marsadm_ok(&["resume-fetch", "r1"]);
     wait(&a);
-    assert_eq!(replica(&a.resource_view("r1"), "b")["disk_state"], "UpToDate");
-    assert!(image(&b) == read(&a, 0, 32 * MIB as u32), "b differs after its resync");
+    assert_eq!(
+        replica(&a.resource_view("r1"), "b")["disk_state"],
+        "UpToDate"
+    );
+    assert!(
+        image(&b) == read(&a, 0, 32 * MIB as u32),
+        "b differs after its resync"
+    );
 }
