@@ -54,18 +54,15 @@ enum FetchError {
 }
 
 async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), FetchError> {
-    let state = cluster.state();
-    let primary = state
-        .resource(res.name())
-        .and_then(|r| r.primary())
-        .cloned()
-        .ok_or(FetchError::NoPrimary)?;
-    if primary.node == cluster.node {
-        return Err(FetchError::NoPrimary);
-    }
+    let source = source(res, cluster)?;
     let addr = cluster
-        .addr_of(&primary.node)
-        .ok_or_else(|| FetchError::NoAddress(primary.node.clone()))?;
+        .addr_of(&source)
+        .ok_or_else(|| FetchError::NoAddress(source.clone()))?;
+    let primary = crate::membership::PrimaryInfo {
+        node: source,
+        generation: 0,
+        start_pos: 0,
+    };
     let store = Arc::clone(res.store());
     let mut appender: Option<Appender> = tokio::task::block_in_place(|| store.resume_last())
         .map_err(|e| FetchError::Local(e.to_string()))?;
@@ -91,7 +88,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
         cluster.heard_from(&primary.node);
         if cluster
             .primary_of(res.name())
-            .is_none_or(|p| p.node != primary.node || p.generation != primary.generation)
+            .is_some_and(|p| p.node != primary.node)
         {
             return Err(FetchError::Bad(
                 "a stream from a node that is no longer the primary; switching".into(),
@@ -189,4 +186,23 @@ fn check_records(data: &[u8], records: u64, mut next_seq: u64) -> Result<(), Fet
         )));
     }
     Ok(())
+}
+
+/// Where to fetch from: the designated primary; while none is designated
+/// (between `secondary` and `primary` of a manual handover), the replica
+/// that has the most of the log, so that this one can catch up with it.
+fn source(res: &Resource, cluster: &Cluster) -> Result<String, FetchError> {
+    let state = cluster.state();
+    let r = state.resource(res.name()).ok_or(FetchError::NoPrimary)?;
+    match r.primary() {
+        Some(p) if p.node == cluster.node => Err(FetchError::NoPrimary),
+        Some(p) => Ok(p.node.clone()),
+        None => r
+            .replicas()
+            .filter(|(n, _)| **n != cluster.node)
+            .max_by_key(|(_, i)| i.fetched)
+            .filter(|(_, i)| i.fetched > res.counters().flushed.load(Ordering::Acquire))
+            .map(|(n, _)| n.clone())
+            .ok_or(FetchError::NoPrimary),
+    }
 }
