@@ -1,6 +1,6 @@
 //! Bugs this tier found in marsd/marsadm, one test each, named for the
 //! behaviour that should hold; the comment on each test gives the cause.
-//! Tests marked OPEN fail until the bug is fixed; the others guard fixes.
+//! All of them are fixed now; each test guards its fix.
 //! (This target sorts after `replication`, so a failure here does not keep
 //! `cargo test -p mars-e2e` from running the replication tests first.)
 //!
@@ -73,7 +73,8 @@ fn join_resource_runs_one_full_sync_while_a_member_is_unreachable() {
     });
 }
 
-/// OPEN at fba33fe (marsadm.rs `wait`, "has no primary"): the manual handover is
+/// Fixed after fba33fe (marsadm.rs `wait`, "has no primary"; and the fetcher
+/// now catches up from the replica with the most log): the manual handover is
 /// `secondary NAME` on the primary, then `primary NAME` on a caught-up
 /// secondary, and `primary` refuses until that secondary has applied the
 /// whole log of the old primary; `wait` is the command to wait for that,
@@ -110,7 +111,7 @@ fn wait_works_between_secondary_and_primary() {
     });
 }
 
-/// OPEN at fba33fe (cluster.rs `Cluster::persist`, storage/mod.rs `write_atomic`):
+/// Fixed after fba33fe by a lock around the whole save (cluster.rs `Cluster::persist`):
 /// persist() serialises the state under the membership lock but writes it
 /// after releasing it, through write_atomic's fixed temporary name
 /// `cluster.json.tmp`. Two gossip merges on different tasks persist
