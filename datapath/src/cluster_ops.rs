@@ -190,28 +190,7 @@ impl Node {
             ))
         })?;
         let backing = self.check_backing(name, path)?;
-        let req = Message::SyncStart {
-            resource: name.into(),
-            node: self.name().into(),
-        };
-        let f = proto::call(&addr, &hello, Some(&primary.node), &req, &[])
-            .await
-            .map_err(|e| {
-                Error::Cluster(format!(
-                    "{name}: asking its primary {} at {addr}: {e}",
-                    primary.node
-                ))
-            })?;
-        let Message::SyncStarted {
-            start_pos,
-            size,
-            generation,
-        } = f.msg
-        else {
-            return Err(Error::Cluster(format!(
-                "{name}: unexpected answer from its primary"
-            )));
-        };
+        let (start_pos, size, generation) = self.sync_start(name, &primary.node, &addr).await?;
         let res = {
             let node = Arc::clone(self);
             let (name, backing) = (name.to_string(), backing.clone());
@@ -790,34 +769,7 @@ impl Node {
             .cluster
             .addr_of(&p.node)
             .ok_or_else(|| Error::Cluster(format!("{name}: no address for {}", p.node)))?;
-        let req = Message::SyncStart {
-            resource: name.into(),
-            node: self.cfg.node.clone(),
-        };
-        let f = proto::call(
-            &addr,
-            &self.cluster.hello(Purpose::Rpc),
-            Some(&p.node),
-            &req,
-            &[],
-        )
-        .await
-        .map_err(|e| {
-            Error::Cluster(format!(
-                "{name}: asking its primary {} at {addr}: {e}",
-                p.node
-            ))
-        })?;
-        let Message::SyncStarted {
-            start_pos,
-            generation,
-            ..
-        } = f.msg
-        else {
-            return Err(Error::Cluster(format!(
-                "{name}: unexpected answer from its primary"
-            )));
-        };
+        let (start_pos, _, generation) = self.sync_start(name, &p.node, &addr).await?;
         let r2 = Arc::clone(&res);
         tokio::task::spawn_blocking(move || r2.reset_for_full_sync(start_pos, generation))
             .await
@@ -913,6 +865,45 @@ impl Node {
         if dropped.remove(node).is_some() {
             self.cluster
                 .update(true, |m| m.set_dropped(resource, dropped));
+        }
+    }
+}
+
+impl Node {
+    /// Asks the primary to start a full sync for this node: it pins its log
+    /// there. Returns (start position, device size, generation).
+    async fn sync_start(
+        &self,
+        name: &str,
+        primary: &str,
+        addr: &str,
+    ) -> resource::Result<(u64, u64, u64)> {
+        let req = Message::SyncStart {
+            resource: name.into(),
+            node: self.cfg.node.clone(),
+        };
+        let f = proto::call(
+            addr,
+            &self.cluster.hello(Purpose::Rpc),
+            Some(primary),
+            &req,
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            Error::Cluster(format!(
+                "{name}: asking its primary {primary} at {addr}: {e}"
+            ))
+        })?;
+        match f.msg {
+            Message::SyncStarted {
+                start_pos,
+                size,
+                generation,
+            } => Ok((start_pos, size, generation)),
+            _ => Err(Error::Cluster(format!(
+                "{name}: unexpected answer from its primary {primary}"
+            ))),
         }
     }
 }
