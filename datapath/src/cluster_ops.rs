@@ -286,6 +286,12 @@ impl Node {
             if primary_here {
                 self.keep_logs_for_replicas(&res, rstate, dropped);
             } else if meta.role == Role::Secondary {
+                if let Some(size) = rstate.and_then(|r| r.config()).map(|c| c.size)
+                    && size > meta.size
+                    && let Err(e) = res.update_meta(|m| m.size = size)
+                {
+                    tracing::warn!(resource = %name, error = %e, "recording the new size failed");
+                }
                 if dropped.contains_key(&self.cfg.node)
                     && !meta.fetch_paused
                     && !meta.disconnected

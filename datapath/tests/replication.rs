@@ -22,9 +22,16 @@ fn write(d: &Daemon, offset: u64, tag: u8, len: usize) {
     c.disconnect().unwrap();
 }
 
+/// Reads in pieces of at most 16 MiB (NBD requests are limited to 32 MiB).
 fn read(d: &Daemon, offset: u64, len: u32) -> Vec<u8> {
     let mut c = nbd_client::connect(d.nbd_addr(), "r1").unwrap();
-    let data = c.read(offset, len).unwrap();
+    let mut data = Vec::with_capacity(len as usize);
+    let mut done = 0u32;
+    while done < len {
+        let n = (len - done).min(16 << 20);
+        data.extend_from_slice(&c.read(offset + done as u64, n).unwrap());
+        done += n;
+    }
     c.disconnect().unwrap();
     data
 }
@@ -95,8 +102,16 @@ fn joined_replicas_become_identical_and_report_positions() {
         assert_eq!(r["connected"], true, "{v:#}");
         assert!(r["applied"].as_u64().unwrap() >= appended, "{v:#}");
     }
+    // A resize on the primary grows every replica.
+    a.marsadm_ok(&["resize", "r1", "48M"]);
+    write(&a, 40 * MIB, 0xe5, MIB as usize);
+    wait(&a);
+    until("b to record the new size", 10, || {
+        b.resource_view("r1")["size"] == 48 * MIB
+    });
+    assert_eq!(std::fs::metadata(b.path("r1.img")).unwrap().len(), 48 * MIB);
     // The secondaries' raw images equal what the primary's device reads.
-    let device = read(&a, 0, 32 * MIB as u32);
+    let device = read(&a, 0, 48 * MIB as u32);
     for d in [&b, &c] {
         assert!(
             image(d) == device,

@@ -89,6 +89,12 @@ impl Marsd for Service {
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::Reply>, Status> {
         let r = req.into_inner();
         self.node.resource(&r.name)?.resize(r.size).await?;
+        // Secondaries grow their backing file when they apply the resize
+        // record; the new size in the cluster state is what `view` shows.
+        let (name, size) = (r.name.clone(), r.size);
+        self.node
+            .announce(|m| m.set_config(&name, Some(crate::membership::ResourceConfig { size })))
+            .await;
         reply(format!("{} is now {}", r.name, format_size(r.size)))
     }
 
