@@ -499,7 +499,14 @@ impl Node {
             role: role.as_str().into(),
             disk_state: meta.disk_state.as_str().into(),
             primary: primary_node,
-            generation: meta.generation,
+            // The current primary period, as far as this replica follows it
+            // (a split-brained node keeps showing its own, deposed one).
+            generation: if meta.split_brain {
+                meta.generation
+            } else {
+                meta.generation
+                    .max(rstate.and_then(|s| s.primary()).map_or(0, |p| p.generation))
+            },
             split_brain: meta.split_brain,
             emergency: !dropped.is_empty()
                 && (primary_here || dropped.contains_key(&self.cfg.node)),
