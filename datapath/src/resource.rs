@@ -167,6 +167,8 @@ pub struct Settings {
 }
 
 const META_FILE: &str = "resource.json";
+/// Writeback a primary does while it steps down for a handover.
+const HANDOVER_WRITEBACK: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a full sync's start position is kept without the replica's
 /// own entry confirming it.
 const PIN_TIME: std::time::Duration = std::time::Duration::from_secs(120);
@@ -808,7 +810,11 @@ impl Resource {
             st.logger.take()
         };
         if let Some(l) = logger {
-            l.stop(None);
+            // Only the log must be durable for the new primary; what is not
+            // written back yet is replayed by this node's applier as a
+            // secondary (from the same persisted position), so a large
+            // backlog does not hold the handover up.
+            l.stop(Some(Instant::now() + HANDOVER_WRITEBACK));
         }
         Ok(())
     }
