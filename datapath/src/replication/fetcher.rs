@@ -54,10 +54,13 @@ enum FetchError {
 }
 
 async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), FetchError> {
-    let source = source(res, cluster)?;
+    let (source, designated) = source(res, cluster)?;
     let addr = cluster
         .addr_of(&source)
         .ok_or_else(|| FetchError::NoAddress(source.clone()))?;
+    if designated.as_deref() != Some(source.as_str()) {
+        tracing::info!(resource = %res.name(), from = %source, "fetching from another replica (the primary is unreachable or none is designated)");
+    }
     let primary = crate::membership::PrimaryInfo {
         node: source,
         generation: 0,
@@ -86,12 +89,18 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                 .await
                 .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
         cluster.heard_from(&primary.node);
-        if cluster
-            .primary_of(res.name())
-            .is_some_and(|p| p.node != primary.node)
+        let now_designated = cluster.primary_of(res.name()).map(|p| p.node);
+        if now_designated != designated {
+            return Err(FetchError::Bad(
+                "a stream from before a change of primary; switching".into(),
+            ));
+        }
+        if designated
+            .as_ref()
+            .is_some_and(|d| *d != primary.node && cluster.connected(d))
         {
             return Err(FetchError::Bad(
-                "a stream from a node that is no longer the primary; switching".into(),
+                "the primary is reachable again; switching back to it".into(),
             ));
         }
         match frame.msg {
@@ -191,18 +200,35 @@ fn check_records(data: &[u8], records: u64, mut next_seq: u64) -> Result<(), Fet
 /// Where to fetch from: the designated primary; while none is designated
 /// (between `secondary` and `primary` of a manual handover), the replica
 /// that has the most of the log, so that this one can catch up with it.
-fn source(res: &Resource, cluster: &Cluster) -> Result<String, FetchError> {
+/// Returns (source, designated primary).
+fn source(res: &Resource, cluster: &Cluster) -> Result<(String, Option<String>), FetchError> {
     let state = cluster.state();
     let r = state.resource(res.name()).ok_or(FetchError::NoPrimary)?;
+    let ours = res.counters().flushed.load(Ordering::Acquire);
+    // Another replica of the same history that has more of the log than
+    // we do and can be reached (never one in split brain or resyncing).
+    let best_other = |exclude: Option<&str>| {
+        r.replicas()
+            .filter(|(n, i)| {
+                **n != cluster.node
+                    && Some(n.as_str()) != exclude
+                    && !i.split_brain
+                    && i.disk_state == "UpToDate"
+                    && cluster.connected(n)
+            })
+            .max_by_key(|(_, i)| i.fetched)
+            .filter(|(_, i)| i.fetched > ours)
+            .map(|(n, _)| n.clone())
+    };
     match r.primary() {
         Some(p) if p.node == cluster.node => Err(FetchError::NoPrimary),
-        Some(p) => Ok(p.node.clone()),
-        None => r
-            .replicas()
-            .filter(|(n, _)| **n != cluster.node)
-            .max_by_key(|(_, i)| i.fetched)
-            .filter(|(_, i)| i.fetched > res.counters().flushed.load(Ordering::Acquire))
-            .map(|(n, _)| n.clone())
+        Some(p) if cluster.connected(&p.node) => Ok((p.node.clone(), Some(p.node.clone()))),
+        Some(p) => Ok((
+            best_other(Some(&p.node)).unwrap_or_else(|| p.node.clone()),
+            Some(p.node.clone()),
+        )),
+        None => best_other(None)
+            .map(|n| (n, None))
             .ok_or(FetchError::NoPrimary),
     }
 }
