@@ -292,7 +292,10 @@ impl Node {
                 {
                     tracing::warn!(resource = %name, error = %e, "recording the new size failed");
                 }
-                if dropped.contains_key(&self.cfg.node)
+                // Given up when it had applied up to d: resync, unless it has
+                // moved past d since (a full sync starts past it).
+                let applied = c.written_back.load(Ordering::Acquire);
+                if dropped.get(&self.cfg.node).is_some_and(|&d| applied <= d)
                     && !meta.fetch_paused
                     && !meta.disconnected
                     && !res.acting.swap(true, Ordering::AcqRel)
@@ -819,6 +822,22 @@ impl Node {
         mut dropped: std::collections::BTreeMap<String, u64>,
     ) {
         let name = res.name().to_string();
+        // A given-up replica that reports a position past the one it was
+        // given up at has started its full sync (the pin of that sync keeps
+        // its logfiles now): it is back.
+        let resynced: Vec<String> = rstate
+            .into_iter()
+            .flat_map(|r| r.replicas())
+            .filter(|(n, i)| dropped.get(*n).is_some_and(|&d| i.applied > d))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !resynced.is_empty() {
+            for n in &resynced {
+                dropped.remove(n);
+            }
+            let d = dropped.clone();
+            self.cluster.update(true, |m| m.set_dropped(&name, d));
+        }
         let others: Vec<(String, u64)> = rstate
             .into_iter()
             .flat_map(|r| r.replicas())
@@ -857,20 +876,6 @@ impl Node {
         res.set_delete_floor(need);
         if let Err(e) = res.log_delete() {
             tracing::warn!(resource = %name, error = %e, "deleting given-up logfiles failed");
-        }
-    }
-
-    /// A replica starts a full sync: it is no longer given up.
-    pub(crate) fn undrop(&self, resource: &str, node: &str) {
-        let mut dropped = self
-            .cluster
-            .state()
-            .resource(resource)
-            .map(|r| r.dropped())
-            .unwrap_or_default();
-        if dropped.remove(node).is_some() {
-            self.cluster
-                .update(true, |m| m.set_dropped(resource, dropped));
         }
     }
 }

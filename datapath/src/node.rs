@@ -402,8 +402,8 @@ impl Node {
         let primary_node = rstate.and_then(|s| s.primary()).map(|p| p.node.clone());
         let dropped = rstate.map(|s| s.dropped()).unwrap_or_default();
         // A replica given up in emergency mode is Outdated until its full sync starts.
-        let state_of = |node: &str, reported: &str| {
-            if dropped.contains_key(node) && reported != "Inconsistent" {
+        let state_of = |node: &str, reported: &str, applied: u64| {
+            if dropped.get(node).is_some_and(|&d| applied <= d) {
                 "Outdated".to_string()
             } else {
                 reported.to_string()
@@ -439,7 +439,7 @@ impl Node {
             divergent_bytes: meta.divergent_bytes,
             node: self.cfg.node.clone(),
             role: role.as_str().into(),
-            disk_state: state_of(&self.cfg.node, meta.disk_state.as_str()),
+            disk_state: state_of(&self.cfg.node, meta.disk_state.as_str(), written_back),
             connected: true,
             fetched: flushed,
             applied: written_back,
@@ -465,7 +465,7 @@ impl Node {
                 divergent_bytes: info.divergent_bytes,
                 node: node.clone(),
                 role: if is_primary { "primary" } else { "secondary" }.into(),
-                disk_state: state_of(node, &info.disk_state),
+                disk_state: state_of(node, &info.disk_state, info.applied),
                 connected: self.cluster.connected(node),
                 fetched: info.fetched,
                 applied: info.applied,

@@ -27,6 +27,9 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 pub struct Options {
     /// Extra marsd arguments for every host (e.g. `["--logfile-size", "4M"]`).
     pub marsd_args: Vec<String>,
+    /// Extra marsd arguments for one host only (after `marsd_args`), e.g.
+    /// `[("a", ["--log-quota", "8M"])]`.
+    pub host_args: Vec<(String, Vec<String>)>,
 }
 
 pub struct Cluster {
@@ -133,14 +136,13 @@ impl Cluster {
             ns.ip(&["link", "set", HOST_IF, "up"])?;
             ns.ip(&["link", "set", "lo", "up"])?;
             let hdir = c.dir().join(name);
-            c.hosts.push(Host::new(
-                name,
-                ns,
-                addr,
-                hdir,
-                opts.marsd_args.clone(),
-                bins,
-            )?);
+            let mut extra = opts.marsd_args.clone();
+            for (h, args) in &opts.host_args {
+                if h == name {
+                    extra.extend(args.iter().cloned());
+                }
+            }
+            c.hosts.push(Host::new(name, ns, addr, hdir, extra, bins)?);
         }
         for h in &mut c.hosts {
             h.spawn()?;

@@ -122,7 +122,6 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
                 .appended
                 .load(std::sync::atomic::Ordering::Acquire);
             res.pin(&joiner, start_pos);
-            node.undrop(&resource, &joiner);
             tracing::info!(resource = %resource, node = %joiner, pos = start_pos, "replica starts a full sync");
             Message::SyncStarted {
                 start_pos,
