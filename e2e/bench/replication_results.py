@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""Helpers of replication.sh: polls of `marsadm view --json`, the lag
+sampler, fio's and iperf3's JSON, and the final table and results JSON.
+
+    replication_results.py status MARSADM ROOT RES NODE
+        one line: the resource's log.appended on ROOT's node, then NODE's
+        replica entry: fetched applied lag_bytes lag_seconds
+    replication_results.py catchup MARSADM ROOT RES NODE TARGET TIMEOUT [CMD...]
+        reads NODE's applied (as ROOT's node sees it), starts the clock,
+        runs CMD (e.g. marsadm resume-fetch), then polls every 0.05 s until
+        applied reaches TARGET; prints "seconds applied_at_start
+        applied_at_end"; exit 1 on timeout
+    replication_results.py sample MARSADM ROOT RES NODE INTERVAL OUT.jsonl
+        appends {t, appended, fetched, applied, lag_bytes, lag_seconds}
+        every INTERVAL s until SIGTERM
+    replication_results.py fio FIO.json         bytes seconds mib_s iops p99_us
+    replication_results.py streams FIO.json     per-stream bytes / slowest job
+    replication_results.py iperf IPERF.json     bits per second (received)
+    replication_results.py lagstats OUT.jsonl   percentiles of the samples
+    replication_results.py report META.json OUT.json KEY=VALUE...
+
+Nothing here judges the figures: replication.sh is a benchmark, not a test.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+MIB = 2**20
+
+
+def kv(pairs):
+    out = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        try:
+            v = int(v)
+        except ValueError:
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
+def view(marsadm, root, res):
+    out = subprocess.run(
+        [marsadm, "--root", root, "view", res, "--json"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    r = json.loads(out)["resources"][0]
+    return r
+
+
+def replica(r, node):
+    for x in r.get("replicas", []):
+        if x.get("node") == node:
+            return x
+    raise SystemExit(f"replica {node} not in the view of {r.get('name')}")
+
+
+def cmd_status(marsadm, root, res, node):
+    r = view(marsadm, root, res)
+    x = replica(r, node)
+    print(r["log"]["appended"], x["fetched"], x["applied"], x.get("lag_bytes", 0),
+          x.get("lag_seconds", 0.0))
+
+
+def cmd_catchup(marsadm, root, res, node, target, timeout, *cmd):
+    target, timeout = int(target), float(timeout)
+    start = replica(view(marsadm, root, res), node)["applied"]
+    t0 = time.monotonic()
+    if cmd:
+        subprocess.run(cmd, check=True, timeout=60, stdout=subprocess.DEVNULL)
+    applied = start
+    while True:
+        try:
+            applied = replica(view(marsadm, root, res), node)["applied"]
+        except (subprocess.SubprocessError, ValueError, KeyError):
+            pass
+        if applied >= target:
+            print(f"{time.monotonic() - t0:.3f} {start} {applied}")
+            return 0
+        if time.monotonic() - t0 > timeout:
+            print(f"{time.monotonic() - t0:.3f} {start} {applied}")
+            return 1
+        time.sleep(0.05)
+
+
+def cmd_sample(marsadm, root, res, node, interval, out):
+    interval = float(interval)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with open(out, "a") as f:
+        t0 = time.monotonic()
+        n = 0
+        while True:
+            try:
+                r = view(marsadm, root, res)
+                x = replica(r, node)
+                f.write(json.dumps({
+                    "t": round(time.monotonic() - t0, 3),
+                    "appended": r["log"]["appended"],
+                    "fetched": x["fetched"], "applied": x["applied"],
+                    "lag_bytes": x.get("lag_bytes", 0),
+                    "lag_seconds": x.get("lag_seconds", 0.0),
+                }) + "\n")
+                f.flush()
+            except (subprocess.SubprocessError, ValueError, KeyError, SystemExit):
+                pass
+            n += 1
+            # Fixed schedule: a slow `view` does not stretch the period.
+            time.sleep(max(0.0, t0 + n * interval - time.monotonic()))
+
+
+def load_fio(path):
+    with open(path) as f:
+        text = f.read()
+    return json.loads(text[text.index("{"):])
+
+
+def job_figures(job):
+    w = job["write"]
+    secs = job["job_runtime"] / 1000.0
+    p99 = w.get("clat_ns", {}).get("percentile", {}).get("99.000000")
+    return w["io_bytes"], secs, w["total_ios"], p99
+
+
+def cmd_fio(path):
+    jobs = load_fio(path)["jobs"]
+    b = sum(job_figures(j)[0] for j in jobs)
+    s = max(job_figures(j)[1] for j in jobs)
+    ios = sum(job_figures(j)[2] for j in jobs)
+    p99 = max((job_figures(j)[3] or 0) for j in jobs)
+    s = max(s, 1e-6)
+    print(b, f"{s:.3f}", f"{b / MIB / s:.1f}", f"{ios / s:.0f}", f"{p99 / 1000:.0f}")
+
+
+def cmd_streams(path):
+    """N concurrent streams of the same bytes: the replicated bytes once,
+    over the slowest stream's time (which includes its final fsync)."""
+    jobs = load_fio(path)["jobs"]
+    figs = [job_figures(j) for j in jobs]
+    b = min(f[0] for f in figs)
+    s = max(max(f[1] for f in figs), 1e-6)
+    per = " ".join(f"{f[0] / MIB / max(f[1], 1e-6):.1f}" for f in figs)
+    print(b, f"{s:.3f}", f"{b / MIB / s:.1f}", per)
+
+
+def cmd_iperf(path):
+    with open(path) as f:
+        d = json.load(f)
+    print(int(d["end"]["sum_received"]["bits_per_second"]))
+
+
+def pct(vals, p):
+    if not vals:
+        return None
+    v = sorted(vals)
+    i = min(len(v) - 1, max(0, int(round(p / 100.0 * (len(v) - 1)))))
+    return v[i]
+
+
+def cmd_lagstats(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    lb = [r["lag_bytes"] for r in rows]
+    ls = [r["lag_seconds"] for r in rows]
+    print(len(rows), pct(lb, 50) or 0, pct(lb, 99) or 0, max(lb or [0]),
+          f"{pct(ls, 50) or 0:.3f}", f"{pct(ls, 99) or 0:.3f}", f"{max(ls or [0]):.3f}",
+          sum(1 for x in lb if x == 0))
+
+
+def cmd_report(meta_path, out_path, pairs):
+    v = kv(pairs)
+    with open(meta_path) as f:
+        meta = json.load(f)
+
+    def g(k):
+        return v.get(k)
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    net_mib = g("net_bits_s") / 8 / MIB if g("net_bits_s") else None
+    ceiling = min(x for x in (net_mib, g("disk_mib_s")) if x) if (net_mib or g("disk_mib_s")) else None
+    results = {
+        "ceilings": {
+            "network_bits_s": g("net_bits_s"),
+            "network_mib_s": round(net_mib, 1) if net_mib else None,
+            "disk_four_stream_mib_s": g("disk_mib_s"),
+            "disk_four_stream_per_stream_mib_s": g("disk_streams"),
+            "disk_four_stream_bytes_each": g("disk_bytes"),
+            "disk_four_stream_seconds": g("disk_seconds"),
+            "disk_two_stream_mib_s": g("disk2_mib_s"),
+            "disk_two_stream_per_stream_mib_s": g("disk2_streams"),
+            "replication_ceiling_mib_s": round(ceiling, 1) if ceiling else None,
+        },
+        "shipping": {
+            "bytes_written": g("ship_bytes"),
+            "primary_write_mib_s": g("ship_write_mib_s"),
+            "primary_write_seconds": g("ship_write_seconds"),
+            "log_bytes_to_ship": g("ship_log_bytes"),
+            "catchup_seconds": g("catchup_seconds"),
+            "catchup_mib_s": g("catchup_mib_s"),
+            "catchup_timed_out": bool(g("catchup_timed_out")),
+        },
+        "lag": {
+            "target_rate_mib_s": g("lag_rate_mib_s"),
+            "achieved_write_mib_s": g("lag_write_mib_s"),
+            "seconds": g("lag_s"),
+            "samples": g("lag_samples"),
+            "samples_zero_lag": g("lag_zero"),
+            "lag_bytes_p50": g("lag_b50"), "lag_bytes_p99": g("lag_b99"),
+            "lag_bytes_max": g("lag_bmax"),
+            "lag_seconds_p50": g("lag_s50"), "lag_seconds_p99": g("lag_s99"),
+            "lag_seconds_max": g("lag_smax"),
+            "drain_seconds_after": g("lag_drain_seconds"),
+        },
+        "slow_link": {
+            "throttle_bits_s": g("tbf_bits_s"),
+            "iops_unthrottled": g("iops_fast"), "iops_throttled": g("iops_slow"),
+            "iops_unthrottled_before": g("iops_fast1"), "iops_unthrottled_after": g("iops_fast2"),
+            "mib_s_unthrottled": g("iops_fast_mib_s"), "mib_s_throttled": g("iops_slow_mib_s"),
+            "p99_us_unthrottled": g("iops_fast_p99"), "p99_us_throttled": g("iops_slow_p99"),
+            "log_mib_s_unthrottled": g("fast_log_mib_s"), "log_mib_s_throttled": g("slow_log_mib_s"),
+            "secondary_unfetched_bytes_after_unthrottled": g("fast_unfetched_after"),
+            "secondary_lag_bytes_after_unthrottled": g("fast_lag_after"),
+            "secondary_unfetched_bytes_after_throttled": g("slow_unfetched_after"),
+            "secondary_lag_bytes_after_throttled": g("slow_lag_after"),
+        },
+    }
+    ratios = {
+        "catchup_vs_ceiling": ratio(g("catchup_mib_s"), ceiling),
+        "catchup_vs_network": ratio(g("catchup_mib_s"), net_mib),
+        "catchup_vs_disk": ratio(g("catchup_mib_s"), g("disk_mib_s")),
+        "catchup_vs_two_stream_ceiling": ratio(
+            g("catchup_mib_s"), min(x for x in (net_mib, g("disk2_mib_s")) if x)
+            if (net_mib or g("disk2_mib_s")) else None),
+        "iops_throttled_vs_unthrottled": ratio(g("iops_slow"), g("iops_fast")),
+    }
+    doc = {"meta": meta, "results": results, "ratios": ratios}
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+    def fmt(x, unit=""):
+        if x is None:
+            return "-"
+        if isinstance(x, float):
+            return f"{x:,.1f}{unit}" if abs(x) >= 10 else f"{x:.3f}{unit}"
+        return f"{x:,}{unit}"
+
+    rows = [
+        ("ceiling", "network (iperf3 A→B)", fmt(net_mib, " MiB/s"),
+         f"{g('net_bits_s') / 1e9:.2f} Gbit/s" if g("net_bits_s") else ""),
+        ("ceiling", "disk: 4 streams at once", fmt(g("disk_mib_s"), " MiB/s"),
+         f"streams {g('disk_streams')} MiB/s"),
+        ("ceiling", "disk: B's 2 streams", fmt(g("disk2_mib_s"), " MiB/s"),
+         f"streams {g('disk2_streams')} MiB/s (what the catch-up runs)"),
+        ("ceiling", "min(network, disk 4 streams)", fmt(ceiling, " MiB/s"), ""),
+        ("shipping", "primary write, B paused", fmt(g("ship_write_mib_s"), " MiB/s"),
+         f"{fmt(g('ship_bytes') / MIB if g('ship_bytes') else None)} MiB seq 1M QD32"),
+        ("shipping", "catch-up (fetch+apply)", fmt(g("catchup_mib_s"), " MiB/s"),
+         f"{fmt(g('ship_log_bytes') / MIB if g('ship_log_bytes') else None)} MiB in {fmt(g('catchup_seconds'), ' s')}"
+         + (" TIMED OUT" if g("catchup_timed_out") else "")),
+        ("lag", f"at {fmt(g('lag_rate_mib_s'))} MiB/s for {g('lag_s')} s",
+         f"p50 {fmt(g('lag_b50'))} B", f"p99 {fmt(g('lag_b99'))} B, max {fmt(g('lag_bmax'))} B"),
+        ("lag", "lag_seconds", f"p50 {fmt(g('lag_s50'), ' s')}",
+         f"p99 {fmt(g('lag_s99'), ' s')}, max {fmt(g('lag_smax'), ' s')}; "
+         f"{g('lag_samples')} samples, {g('lag_zero')} at 0; achieved {fmt(g('lag_write_mib_s'))} MiB/s"),
+        ("slow link", "rand-4K-QD32 unthrottled", fmt(g("iops_fast"), " IOPS"),
+         f"mean of before {fmt(g('iops_fast1'))} and after {fmt(g('iops_fast2'))}; first run: p99 {fmt(g('iops_fast_p99'))} µs, log {fmt(g('fast_log_mib_s'))} MiB/s; at the end B has "
+         f"{fmt(g('fast_unfetched_after'))} B unfetched, {fmt(g('fast_lag_after'))} B unapplied"),
+        ("slow link", f"throttled to {fmt(g('tbf_bits_s') / 1e6 if g('tbf_bits_s') else None)} Mbit/s",
+         fmt(g("iops_slow"), " IOPS"),
+         f"p99 {fmt(g('iops_slow_p99'))} µs, log {fmt(g('slow_log_mib_s'))} MiB/s; at the end B has "
+         f"{fmt(g('slow_unfetched_after'))} B unfetched, {fmt(g('slow_lag_after'))} B unapplied"),
+    ]
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+    print()
+    print("ratios:")
+    goals = {
+        "catchup_vs_ceiling": "catch-up / min(network, disk 4 streams)",
+        "catchup_vs_network": "catch-up / network",
+        "catchup_vs_disk": "catch-up / disk (4 streams)",
+        "catchup_vs_two_stream_ceiling": "catch-up / min(network, disk 2 streams)",
+        "iops_throttled_vs_unthrottled": "writer IOPS, slow link / fast link (mean) (goal ≥ 0.9)",
+    }
+    for k, text in goals.items():
+        print(f"  {text:<50} {fmt(ratios[k])}")
+
+
+def main(argv):
+    cmd, args = argv[1], argv[2:]
+    if cmd == "status":
+        cmd_status(*args)
+    elif cmd == "catchup":
+        return cmd_catchup(*args)
+    elif cmd == "sample":
+        cmd_sample(*args)
+    elif cmd == "fio":
+        cmd_fio(*args)
+    elif cmd == "streams":
+        cmd_streams(*args)
+    elif cmd == "iperf":
+        cmd_iperf(*args)
+    elif cmd == "lagstats":
+        cmd_lagstats(*args)
+    elif cmd == "report":
+        cmd_report(args[0], args[1], args[2:])
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
