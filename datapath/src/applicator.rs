@@ -274,17 +274,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let storage: Arc<dyn Storage> = Arc::new(RealStorage);
         let (store, _) = LogStore::open(Arc::clone(&storage), tmp.path()).unwrap();
-        let mut app = store
-            .create_file(
-                "n1",
-                FileHeader {
-                    file_seq: 1,
-                    start_pos: 0,
-                    first_seq: 1,
-                    generation: 1,
-                },
-            )
-            .unwrap();
+        let mut app = store.create_file("n1", FileHeader::first(1)).unwrap();
         let mut size = DEV;
         let mut ends = Vec::new();
         for (i, op) in ops.iter().enumerate() {

@@ -120,6 +120,16 @@ fn describe_magic(found: u64) -> String {
 }
 
 impl FileHeader {
+    /// The header of a resource's first logfile.
+    pub fn first(generation: u64) -> Self {
+        Self {
+            file_seq: 1,
+            start_pos: 0,
+            first_seq: 1,
+            generation,
+        }
+    }
+
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(&FILE_MAGIC.to_le_bytes());

@@ -735,17 +735,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
         let store = Arc::new(store);
-        let mut app = store
-            .create_file(
-                "n1",
-                FileHeader {
-                    file_seq: 1,
-                    start_pos: 0,
-                    first_seq: 1,
-                    generation: 1,
-                },
-            )
-            .unwrap();
+        let mut app = store.create_file("n1", FileHeader::first(1)).unwrap();
         let mut seq = 1;
         for file in 0..3u64 {
             for _ in 0..4 {
@@ -793,17 +783,7 @@ mod tests {
     fn a_missing_middle_logfile_is_a_gap_not_silently_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
-        let mut app = store
-            .create_file(
-                "n1",
-                FileHeader {
-                    file_seq: 1,
-                    start_pos: 0,
-                    first_seq: 1,
-                    generation: 1,
-                },
-            )
-            .unwrap();
+        let mut app = store.create_file("n1", FileHeader::first(1)).unwrap();
         for f in 2..=3 {
             let r = record(f, 10);
             let mut buf = Vec::new();
@@ -836,17 +816,7 @@ mod tests {
     fn a_newest_logfile_with_an_unwritten_header_is_dropped_but_an_older_one_is_corruption() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
-        let app = store
-            .create_file(
-                "n1",
-                FileHeader {
-                    file_seq: 1,
-                    start_pos: 0,
-                    first_seq: 1,
-                    generation: 1,
-                },
-            )
-            .unwrap();
+        let app = store.create_file("n1", FileHeader::first(1)).unwrap();
         drop(app);
         // A crash after the directory entry but before the header reached the disk.
         std::fs::write(tmp.path().join(file_name(2, "n1")), [0u8; 64]).unwrap();
