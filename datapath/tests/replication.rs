@@ -85,8 +85,19 @@ fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn image(d: &Daemon) -> Vec<u8> {
-    std::fs::read(d.path("r1.img")).unwrap()
+/// Each replica's raw backing file equals what the primary's device reads
+/// (its first `mib` MiB).
+fn assert_images_follow(primary: &Daemon, mib: u64, replicas: &[&Daemon]) {
+    let device = read(primary, 0, (mib * MIB) as u32);
+    for d in replicas {
+        let image = std::fs::read(d.path("r1.img")).unwrap();
+        assert!(
+            image == device,
+            "{}'s backing file differs from the device of the primary {}",
+            d.node(),
+            primary.node()
+        );
+    }
 }
 
 #[test]
@@ -110,15 +121,7 @@ fn joined_replicas_become_identical_and_report_positions() {
         b.resource_view("r1")["size"] == 48 * MIB
     });
     assert_eq!(std::fs::metadata(b.path("r1.img")).unwrap().len(), 48 * MIB);
-    // The secondaries' raw images equal what the primary's device reads.
-    let device = read(&a, 0, 48 * MIB as u32);
-    for d in [&b, &c] {
-        assert!(
-            image(d) == device,
-            "{}'s backing file differs from the primary's device",
-            d.node()
-        );
-    }
+    assert_images_follow(&a, 48, &[&b, &c]);
 }
 
 #[test]
@@ -144,10 +147,8 @@ fn planned_handover_moves_the_primary_without_losing_a_write() {
     let v = a.resource_view("r1");
     assert_eq!(v["role"], "secondary");
     assert_eq!(v["primary"], "b");
-    assert!(
-        image(&a) == read(&b, 0, 32 * MIB as u32),
-        "the old primary does not follow the new one"
-    );
+    // The old primary follows the new one.
+    assert_images_follow(&b, 32, &[&a]);
 }
 
 #[test]
@@ -200,14 +201,7 @@ fn forced_failover_reports_split_brain_and_invalidate_resolves_it() {
     let va = a.resource_view("r1");
     assert_eq!(va["split_brain"], false);
     assert_eq!(va["disk_state"], "UpToDate");
-    let device = read(&c, 0, 32 * MIB as u32);
-    for d in [&a, &b] {
-        assert!(
-            image(d) == device,
-            "{} differs from the new primary",
-            d.node()
-        );
-    }
+    assert_images_follow(&c, 32, &[&a, &b]);
 }
 
 #[test]
@@ -256,8 +250,6 @@ fn emergency_mode_keeps_the_primary_writing_and_resyncs_the_laggard() {
         replica(&a.resource_view("r1"), "b")["disk_state"],
         "UpToDate"
     );
-    assert!(
-        image(&b) == read(&a, 0, 32 * MIB as u32),
-        "b differs after its resync"
-    );
+    // b is identical again after its resync.
+    assert_images_follow(&a, 32, &[&b]);
 }

@@ -28,22 +28,8 @@ import subprocess
 import sys
 import time
 
-MIB = 2**20
-
-
-def kv(pairs):
-    out = {}
-    for p in pairs:
-        k, _, v = p.partition("=")
-        try:
-            v = int(v)
-        except ValueError:
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
+# Shared with the NBD benchmark: key=value arguments and fio's JSON.
+from nbd_results import MIB, job_figures, kv, load_fio  # noqa: E402
 
 
 def view(marsadm, root, res):
@@ -115,37 +101,22 @@ def cmd_sample(marsadm, root, res, node, interval, out):
             time.sleep(max(0.0, t0 + n * interval - time.monotonic()))
 
 
-def load_fio(path):
-    with open(path) as f:
-        text = f.read()
-    return json.loads(text[text.index("{"):])
-
-
-def job_figures(job):
-    w = job["write"]
-    secs = job["job_runtime"] / 1000.0
-    p99 = w.get("clat_ns", {}).get("percentile", {}).get("99.000000")
-    return w["io_bytes"], secs, w["total_ios"], p99
-
-
 def cmd_fio(path):
-    jobs = load_fio(path)["jobs"]
-    b = sum(job_figures(j)[0] for j in jobs)
-    s = max(job_figures(j)[1] for j in jobs)
-    ios = sum(job_figures(j)[2] for j in jobs)
-    p99 = max((job_figures(j)[3] or 0) for j in jobs)
-    s = max(s, 1e-6)
-    print(b, f"{s:.3f}", f"{b / MIB / s:.1f}", f"{ios / s:.0f}", f"{p99 / 1000:.0f}")
+    figs = [job_figures(j) for j in load_fio(path)["jobs"]]
+    b = sum(f["bytes"] for f in figs)
+    s = max(max(f["seconds"] for f in figs), 1e-6)
+    ios = sum(f["ios"] for f in figs)
+    p99 = max((f["lat_us_p99"] or 0) for f in figs)
+    print(b, f"{s:.3f}", f"{b / MIB / s:.1f}", f"{ios / s:.0f}", f"{p99:.0f}")
 
 
 def cmd_streams(path):
     """N concurrent streams of the same bytes: the replicated bytes once,
     over the slowest stream's time (which includes its final fsync)."""
-    jobs = load_fio(path)["jobs"]
-    figs = [job_figures(j) for j in jobs]
-    b = min(f[0] for f in figs)
-    s = max(max(f[1] for f in figs), 1e-6)
-    per = " ".join(f"{f[0] / MIB / max(f[1], 1e-6):.1f}" for f in figs)
+    figs = [job_figures(j) for j in load_fio(path)["jobs"]]
+    b = min(f["bytes"] for f in figs)
+    s = max(max(f["seconds"] for f in figs), 1e-6)
+    per = " ".join(f"{f['bytes'] / MIB / max(f['seconds'], 1e-6):.1f}" for f in figs)
     print(b, f"{s:.3f}", f"{b / MIB / s:.1f}", per)
 
 
