@@ -857,7 +857,7 @@ impl Node {
         if need.is_none_or(|n| n >= written_back) {
             return;
         }
-        let Some((laggard, applied)) = others.into_iter().min_by_key(|(_, a)| *a) else {
+        let Some((laggard, applied)) = others.iter().min_by_key(|(_, a)| *a).cloned() else {
             return;
         };
         tracing::error!(
@@ -865,13 +865,12 @@ impl Node {
             "EMERGENCY: log space is exhausted; giving up the logfiles replica {laggard} still needs: it will need a full sync"
         );
         res.unpin(&laggard);
-        dropped.insert(laggard, applied);
-        let need = rstate
-            .into_iter()
-            .flat_map(|r| r.replicas())
-            .filter(|(n, _)| **n != self.cfg.node && !dropped.contains_key(*n))
-            .map(|(_, i)| i.applied)
+        let need = others
+            .iter()
+            .filter(|(n, _)| *n != laggard)
+            .map(|(_, a)| *a)
             .min();
+        dropped.insert(laggard, applied);
         self.cluster.update(true, |m| m.set_dropped(&name, dropped));
         res.set_delete_floor(need);
         if let Err(e) = res.log_delete() {
