@@ -341,13 +341,15 @@ impl Node {
 
     /// Status of one resource, or of all when `name` is empty.
     pub fn view(&self, name: &str) -> resource::Result<pb::ViewReply> {
+        // One copy of the cluster state for all resources shown.
+        let state = self.cluster.state();
         let mut resources: Vec<pb::ResourceStatus> = self
             .resources
             .read()
             .expect("resources lock")
             .iter()
             .filter(|(n, _)| name.is_empty() || n.as_str() == name)
-            .map(|(_, r)| self.status(r))
+            .map(|(_, r)| self.status(r, &state))
             .collect();
         for (n, why) in self.broken.read().expect("broken lock").iter() {
             if name.is_empty() || n == name {
@@ -371,7 +373,7 @@ impl Node {
         })
     }
 
-    fn status(&self, r: &Resource) -> pb::ResourceStatus {
+    fn status(&self, r: &Resource, state: &crate::membership::ClusterState) -> pb::ResourceStatus {
         let meta = r.meta();
         let c = r.counters();
         let appended = c.appended.load(Ordering::Acquire);
@@ -397,7 +399,6 @@ impl Node {
             fetched: flushed,
             applied: written_back,
         };
-        let state = self.cluster.state();
         let rstate = state.resource(r.name());
         let primary_node = rstate.and_then(|s| s.primary()).map(|p| p.node.clone());
         let dropped = rstate.map(|s| s.dropped()).unwrap_or_default();
