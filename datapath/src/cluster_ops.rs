@@ -431,8 +431,9 @@ impl Node {
             )
         })
         .await;
+        let note = self.auto_device_async(name).await;
         Ok(format!(
-            "{name} is primary on {} (generation {generation})",
+            "{name} is primary on {} (generation {generation}){note}",
             self.cfg.node
         ))
     }
@@ -441,6 +442,13 @@ impl Node {
     pub async fn make_secondary(self: &Arc<Self>, name: &str) -> resource::Result<String> {
         let res = self.resource(name)?;
         let was_primary = res.logger().is_some();
+        {
+            let node = Arc::clone(self);
+            let n2 = name.to_string();
+            tokio::task::spawn_blocking(move || node.release_device(&n2))
+                .await
+                .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??;
+        }
         {
             let res = Arc::clone(&res);
             tokio::task::spawn_blocking(move || res.make_secondary())
@@ -553,8 +561,9 @@ impl Node {
         })
         .await;
         tracing::info!(resource = %name, from = old, generation, "handover complete: primary here");
+        let note = self.auto_device_async(&name).await;
         Ok(format!(
-            "{name} is primary on {} (generation {generation}), handed over from {old}",
+            "{name} is primary on {} (generation {generation}), handed over from {old}{note}",
             self.cfg.node
         ))
     }
@@ -565,9 +574,14 @@ impl Node {
     pub async fn hand_over(self: &Arc<Self>, name: &str, to: &str) -> resource::Result<(u64, u64)> {
         let res = self.resource(name)?;
         let r2 = Arc::clone(&res);
-        tokio::task::spawn_blocking(move || r2.stop_for_handover())
-            .await
-            .map_err(|e| Error::Cluster(format!("handover failed: {e}")))??;
+        let node = Arc::clone(self);
+        let n2 = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            node.release_device(&n2)?;
+            r2.stop_for_handover()
+        })
+        .await
+        .map_err(|e| Error::Cluster(format!("handover failed: {e}")))??;
         let end = res.counters().flushed.load(Ordering::Acquire);
         tracing::info!(
             resource = name,
@@ -576,6 +590,17 @@ impl Node {
             "handing over: stopped taking writes"
         );
         Ok((end, res.meta().generation))
+    }
+}
+
+impl Node {
+    /// [`Node::auto_device`] off the async threads.
+    async fn auto_device_async(self: &Arc<Self>, name: &str) -> String {
+        let node = Arc::clone(self);
+        let n2 = name.to_string();
+        tokio::task::spawn_blocking(move || node.auto_device(&n2))
+            .await
+            .unwrap_or_default()
     }
 }
 
@@ -750,8 +775,9 @@ impl Node {
             pos = end,
             "FORCED primary: a new history starts here"
         );
+        let note = self.auto_device_async(name).await;
         Ok(format!(
-            "{name} is primary on {} by force (generation {generation}, from log position {end})",
+            "{name} is primary on {} by force (generation {generation}, from log position {end}){note}",
             self.cfg.node
         ))
     }

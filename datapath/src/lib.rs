@@ -1,11 +1,12 @@
 //! mars datapath: a transaction log per resource, the logger that appends
 //! writes to it, writeback to the backing device, the applicator that
-//! replays logs in order, frontends (NBD), and the control API of `marsd`.
+//! replays logs in order, frontends (NBD, ublk), and the control API of `marsd`.
 
 pub mod applicator;
 pub mod cluster;
 pub mod cluster_ops;
 pub mod control;
+pub mod devices;
 pub mod frontend;
 pub mod log;
 pub mod logger;

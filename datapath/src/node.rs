@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub log_quota: Option<u64>,
     /// Where peers reach this node's replication port.
     pub advertise: String,
+    /// ublk devices (`--ublk`, block size).
+    pub devices: crate::devices::DeviceConfig,
 }
 
 pub struct Node {
@@ -62,6 +64,8 @@ pub struct Node {
     pub(crate) create_lock: std::sync::Mutex<()>,
     /// Set once shutdown began: nothing is restarted any more.
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
+    pub(crate) devices: crate::devices::Devices,
+    pub(crate) device_cfg: crate::devices::DeviceConfig,
     _lock: std::fs::File,
 }
 
@@ -130,6 +134,8 @@ impl Node {
             broken: RwLock::new(BTreeMap::new()),
             create_lock: std::sync::Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            devices: Default::default(),
+            device_cfg: cfg.devices,
             _lock: lock,
             cfg,
         };
@@ -314,6 +320,7 @@ impl Node {
                 others.join(", ")
             )));
         }
+        self.release_device(name)?;
         r.delete()?;
         self.resources.write().expect("resources lock").remove(name);
         self.cluster.update(true, |m| {
@@ -327,6 +334,7 @@ impl Node {
     /// Stops every resource, writing back what fits before `deadline`.
     pub fn shutdown(&self, deadline: Instant) {
         self.shutting_down.store(true, Ordering::Release);
+        self.shutdown_devices();
         let all: Vec<_> = self
             .resources
             .read()
@@ -351,6 +359,27 @@ impl Node {
             .filter(|(n, _)| name.is_empty() || n.as_str() == name)
             .map(|(_, r)| self.status(r, &state))
             .collect();
+        // Remote devices: volumes used here without a replica.
+        for (n, device) in self.devices.list() {
+            if (name.is_empty() || n == name) && self.resource(&n).is_err() {
+                resources.push(pb::ResourceStatus {
+                    primary: state
+                        .resource(&n)
+                        .and_then(|s| s.primary())
+                        .map(|p| p.node.clone()),
+                    size: state
+                        .resource(&n)
+                        .and_then(|s| s.config())
+                        .map_or(0, |c| c.size),
+                    name: n,
+                    role: "none".into(),
+                    disk_state: "Detached".into(),
+                    device: Some(device),
+                    log: Some(pb::LogCounters::default()),
+                    ..Default::default()
+                });
+            }
+        }
         for (n, why) in self.broken.read().expect("broken lock").iter() {
             if name.is_empty() || n == name {
                 resources.push(pb::ResourceStatus {
@@ -517,6 +546,7 @@ impl Node {
             log_bytes: r.log_bytes(),
             open_count: r.opens() as u32,
             error,
+            device: self.devices.path_of(r.name()),
         }
     }
 }

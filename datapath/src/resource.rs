@@ -62,6 +62,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Volume(#[from] IoError),
+    #[error(transparent)]
+    Device(#[from] crate::frontend::ublk::Error),
     /// A cluster operation was refused or a peer could not be reached.
     #[error("{0}")]
     Cluster(String),

@@ -971,3 +971,34 @@ fn an_interrupted_delete_resource_can_be_finished_after_restart() {
     create(&d, "half", &img, "1M");
     assert_alive(&mut d);
 }
+
+#[test]
+fn ublk_commands_answer_clearly_where_the_kernel_has_no_ublk() {
+    let mut d = Daemon::start();
+    create(&d, "r1", &d.path("r1.img"), "4M");
+    assert!(
+        d.resource_view("r1")["device"].is_null(),
+        "no device before `up`"
+    );
+    if !Path::new("/dev/ublk-control").exists() {
+        let out = d.marsadm(&["up", "r1"]);
+        assert_refused(&out, 1, &["ublk is not available", "modprobe ublk_drv"]);
+    }
+    assert_refused(&d.marsadm(&["up", "nosuch"]), 1, &["nosuch does not exist"]);
+    // down is idempotent: nothing to remove is fine.
+    let out = d.marsadm_ok(&["down", "r1"]);
+    assert!(out.contains("no ublk device"), "{out}");
+    assert_refused(
+        &d.marsadm(&["attach", "r1"]),
+        2,
+        &["--remote", "marsadm up r1"],
+    );
+    assert_refused(
+        &d.marsadm(&["attach", "elsewhere", "--remote"]),
+        1,
+        &["knows no primary of elsewhere"],
+    );
+    // The volume still works and nothing is left open.
+    assert_eq!(d.resource_view("r1")["open_count"], 0);
+    assert_alive(&mut d);
+}

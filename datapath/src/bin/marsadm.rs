@@ -113,6 +113,25 @@ enum Command {
     Connect {
         name: String,
     },
+    /// Expose the primary volume NAME as a ublk block device (/dev/ublkbN); idempotent.
+    Up {
+        name: String,
+    },
+    /// Remove NAME's ublk device (refused while it is mounted or open); idempotent.
+    Down {
+        name: String,
+    },
+    /// Use NAME on this host without a replica: a ublk device served by its primary over the network.
+    Attach {
+        name: String,
+        /// Required: the device is served by the remote primary (a local primary uses `up`).
+        #[arg(long)]
+        remote: bool,
+    },
+    /// Remove NAME's remote device (same as `down`).
+    Detach {
+        name: String,
+    },
     /// Wait until every replica of NAME is UpToDate and has applied all the
     /// primary had logged when the command started.
     Wait {
@@ -266,6 +285,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Disconnect { name } => c.steer(steer(name, "disconnect")).await?,
         Command::Connect { name } => c.steer(steer(name, "connect")).await?,
         Command::Wait { name, timeout } => return wait(&mut c, &name, timeout).await,
+        Command::Up { name } => {
+            let r = c
+                .up(pb::ResourceRequest { name, force: false })
+                .await?
+                .into_inner();
+            println!("{}", r.message);
+            return Ok(());
+        }
+        Command::Down { name } | Command::Detach { name } => {
+            c.down(pb::ResourceRequest { name, force: false }).await?
+        }
+        Command::Attach { name, remote } => {
+            if !remote {
+                return Err(usage(format!(
+                    "attach needs --remote (a local primary is exposed with `marsadm up {name}`)"
+                )));
+            }
+            let r = c
+                .attach(pb::ResourceRequest { name, force: false })
+                .await?
+                .into_inner();
+            println!("{}", r.message);
+            return Ok(());
+        }
         Command::LogRotate { name } => {
             c.log_rotate(pb::ResourceRequest { name, force: false })
                 .await?
@@ -314,6 +357,7 @@ fn table(v: &pb::ViewReply) -> String {
             "WRITTEN-BACK",
             "LOG",
             "OPEN",
+            "DEVICE",
         ]
         .map(String::from)
         .to_vec(),
@@ -332,6 +376,7 @@ fn table(v: &pb::ViewReply) -> String {
             log.written_back.to_string(),
             format_size(r.log_bytes),
             r.open_count.to_string(),
+            r.device.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())

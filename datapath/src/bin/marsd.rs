@@ -57,9 +57,21 @@ struct Args {
     /// Memory for not-yet-written-back data, per resource; writers wait when it is full.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     overlay_limit: u64,
+    /// Expose every volume that becomes primary here as a ublk block device
+    /// (/dev/ublkbN); without it, `marsadm up NAME` does so per volume.
+    #[arg(long)]
+    ublk: bool,
+    /// Logical block size of ublk devices.
+    #[arg(long, default_value_t = 512)]
+    ublk_block_size: u32,
 }
 
 fn main() -> ExitCode {
+    // Before any other thread exists (unshare(CLONE_NEWNS) needs a
+    // single-threaded process): the process serving ublk devices must not
+    // see mounts of them (libublk's rule), so it gets its own private mount
+    // namespace. Mounts made elsewhere later (e.g. of our devices) stay out.
+    let mount_ns = datapath::frontend::ublk::private_mount_namespace();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -68,6 +80,17 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if let Err(e) = mount_ns {
+        if args.ublk {
+            eprintln!("marsd: --ublk needs a private mount namespace: {e} (run as root)");
+            return ExitCode::from(2);
+        }
+        tracing::warn!(error = %e, "no private mount namespace: `marsadm up` may deadlock if this process sees mounts of its devices");
+    }
+    if args.ublk_block_size != 512 && args.ublk_block_size != 4096 {
+        eprintln!("marsd: --ublk-block-size must be 512 or 4096");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -98,6 +121,13 @@ async fn run(args: Args) -> Result<()> {
             .advertise
             .clone()
             .unwrap_or_else(|| args.listen.to_string()),
+        devices: datapath::devices::DeviceConfig {
+            auto: args.ublk,
+            options: datapath::frontend::ublk::Options {
+                logical_block_size: args.ublk_block_size,
+                ..Default::default()
+            },
+        },
     };
     let node = Arc::new(
         tokio::task::spawn_blocking(move || Node::open(cfg, Arc::new(RealStorage))).await??,
@@ -147,6 +177,12 @@ async fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
+
+    // Resume ublk devices a previous marsd left, create those --ublk wants.
+    {
+        let n = Arc::clone(&node);
+        tokio::task::spawn_blocking(move || n.restore_devices()).await?;
+    }
 
     let sock = args.root.join(SOCKET_FILE);
     // We hold the root's lock, so a socket file left here is stale.

@@ -12,7 +12,7 @@ pub mod pb {
 
 use tonic::{Code, Status};
 
-use crate::frontend::IoError;
+use crate::frontend::{IoError, ublk};
 use crate::resource::Error;
 
 impl From<Error> for Status {
@@ -35,6 +35,11 @@ impl From<Error> for Status {
             Error::Volume(IoError::ShuttingDown(_)) => Code::Unavailable,
             Error::Volume(_) => Code::Internal,
             Error::Cluster(_) => Code::FailedPrecondition,
+            Error::Device(d) => match d {
+                ublk::Error::InUse { .. } | ublk::Error::Unavailable(_) => Code::FailedPrecondition,
+                ublk::Error::BlockSize { .. } => Code::InvalidArgument,
+                ublk::Error::Ublk { .. } | ublk::Error::Timeout { .. } => Code::Internal,
+            },
         };
         Status::new(code, e.to_string())
     }

@@ -48,8 +48,10 @@ impl Marsd for Service {
         self.blocking(move |n| n.create_resource(&r.name, &PathBuf::from(&r.path), r.size))
             .await?;
         self.node.announce_created(&name, size).await;
+        let n2 = name.clone();
+        let note = self.blocking(move |n| Ok(n.auto_device(&n2))).await?;
         reply(format!(
-            "created resource {name} ({}) with this node as primary",
+            "created resource {name} ({}) with this node as primary{note}",
             format_size(size)
         ))
     }
@@ -89,13 +91,17 @@ impl Marsd for Service {
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::Reply>, Status> {
         let r = req.into_inner();
         self.node.resource(&r.name)?.resize(r.size).await?;
+        let (n2, size) = (r.name.clone(), r.size);
+        let note = self
+            .blocking(move |n| Ok(n.resize_device(&n2, size)))
+            .await?;
         // Secondaries grow their backing file when they apply the resize
         // record; the new size in the cluster state is what `view` shows.
         let (name, size) = (r.name.clone(), r.size);
         self.node
             .announce(|m| m.set_config(&name, Some(crate::membership::ResourceConfig { size })))
             .await;
-        reply(format!("{} is now {}", r.name, format_size(r.size)))
+        reply(format!("{} is now {}{note}", r.name, format_size(r.size)))
     }
 
     async fn log_rotate(
@@ -186,5 +192,40 @@ impl Marsd for Service {
 
     async fn view(&self, req: Request<pb::ViewRequest>) -> Result<Response<pb::ViewReply>, Status> {
         Ok(Response::new(self.node.view(&req.into_inner().name)?))
+    }
+
+    async fn up(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::DeviceReply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        let device = self.blocking(move |n| n.device_up(&n2)).await?;
+        Ok(Response::new(pb::DeviceReply {
+            message: format!("{name} is up as {device}"),
+            device,
+        }))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<pb::ResourceRequest>,
+    ) -> Result<Response<pb::DeviceReply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        let device = self.blocking(move |n| n.attach_remote(&n2)).await?;
+        Ok(Response::new(pb::DeviceReply {
+            message: format!("{name} is attached as {device}"),
+            device,
+        }))
+    }
+
+    async fn down(&self, req: Request<pb::ResourceRequest>) -> Result<Response<pb::Reply>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        match self.blocking(move |n| n.device_down(&n2)).await? {
+            Some(path) => reply(format!("{name}: removed {path}")),
+            None => reply(format!("{name} has no ublk device on this node")),
+        }
     }
 }

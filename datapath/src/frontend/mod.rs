@@ -3,6 +3,8 @@
 //! completes only once the logger has put it into the log.
 
 pub mod nbd;
+pub mod remote;
+pub mod ublk;
 
 use std::future::Future;
 

@@ -241,6 +241,28 @@ pub enum Message {
     Idle {
         flushed: u64,
     },
+    /// Rpc, to the primary: a remote device session for `resource`. After
+    /// `Attached`, the connection carries `Io` requests and `IoDone`
+    /// answers (see `frontend::remote`) for as long as it lives.
+    Attach {
+        resource: String,
+    },
+    Attached {
+        size: u64,
+    },
+    /// One block request; a write's data follows.
+    Io {
+        id: u64,
+        op: crate::frontend::remote::IoOp,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    /// Its answer: 0 or a positive errno; a read's data follows.
+    IoDone {
+        id: u64,
+        errno: i32,
+    },
 }
 
 use crate::membership::ClusterState;

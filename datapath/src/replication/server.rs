@@ -88,9 +88,28 @@ async fn handle(mut s: TcpStream, node: Arc<Node>) -> proto::Result<()> {
                 return refuse(&mut s, "join the cluster first".into()).await;
             }
             node.cluster().heard_from(&theirs.node);
+            if let Message::Attach { resource } = f.msg {
+                return attach(s, &node, &resource).await;
+            }
             rpc(&mut s, &node, &theirs, f.msg).await
         }
     }
+}
+
+/// A remote device session: served by this node while it is primary.
+async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Result<()> {
+    let handle = node.resource(resource).ok().and_then(|r| r.open());
+    let Some(handle) = handle else {
+        return refuse(
+            &mut s,
+            format!("{} is not primary of {resource}", node.name()),
+        )
+        .await;
+    };
+    let size = handle.size();
+    proto::write_frame(&mut s, &Message::Attached { size }, &[]).await?;
+    tracing::info!(resource, "remote device session started");
+    crate::frontend::remote::serve(s, Arc::new(handle)).await
 }
 
 async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) -> proto::Result<()> {
