@@ -692,10 +692,16 @@ impl Node {
         }
         let (res, p) = (Arc::clone(res), p.clone());
         let name = res.name().to_string();
+        let node = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let fork = p.start_pos;
             let result = if deposed {
                 tracing::warn!(resource = %name, new_primary = %p.node, generation = p.generation, "a newer primary exists: this node stops taking writes");
+                // Its device goes unless something holds it (then its I/O fails
+                // from now on, and `down` removes it once released).
+                if let Err(e) = node.release_device(&name) {
+                    tracing::warn!(resource = %name, error = %e, "ublk device kept");
+                }
                 res.stop_for_handover().map(|()| res.log_end())
             } else {
                 Ok(end)

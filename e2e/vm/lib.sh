@@ -6,6 +6,13 @@
 set -e
 echo 1 >/proc/sys/net/ipv4/ip_forward
 
+# Static busybox runs its own applets before anything on PATH: call the real
+# tools by their paths.
+ip() { /usr/local/bin/ip "$@"; }
+mke2fs() { /usr/local/bin/mke2fs "$@"; }
+e2fsck() { /usr/local/bin/e2fsck "$@"; }
+resize2fs() { /usr/local/bin/resize2fs "$@"; }
+
 fail() { echo "FAIL: $*"; exit 1; }
 note() { echo "NOTE $*"; }
 step() { echo "-- $*"; }
@@ -53,7 +60,7 @@ adm() { local name=$1; shift; marsadm --root "/tmp/s/$name/root" "$@"; }
 
 # json NAME RESOURCE FIELD: a top-level string/number field of `view --json`.
 json() {
-  adm "$1" view "$2" --json | tr -d '\n ' | sed 's/"replicas".*//' |
+  adm "$1" view "$2" --json | tr -d '\n ' | sed 's/"replicas":\[[^]]*\]//' |
     grep -o "\"$3\":[^,}]*" | head -1 | cut -d: -f2- | tr -d '"'
 }
 

@@ -178,46 +178,24 @@ impl Device {
                 size,
             });
         }
-        let err = |what| {
-            let resource = resource.to_string();
-            move |source| Error::Ublk {
-                resource,
-                what,
-                source,
-            }
-        };
         let ctrl_flags =
             features & (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
-        let dev_flags = if let Some(id) = recover {
-            let old =
-                UblkCtrl::new_simple(id as i32).map_err(err("opening the device to recover"))?;
-            old.start_user_recover()
-                .map_err(err("starting user recovery"))?;
-            UblkFlags::UBLK_DEV_F_RECOVER_DEV
-        } else {
-            UblkFlags::UBLK_DEV_F_ADD_DEV
-        };
-        let ctrl = UblkCtrlBuilder::default()
-            .name(resource)
-            .id(recover.map_or(-1, |id| id as i32))
-            .nr_queues(opts.queues)
-            .depth(opts.depth)
-            .ctrl_flags(ctrl_flags)
-            .dev_flags(dev_flags)
-            .build()
-            .map_err(err(if recover.is_some() {
-                "recovering the device"
-            } else {
-                "adding a device"
-            }))?;
-
         let keep = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<(u32, String)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(u32, String)>>();
         let name = resource.to_string();
         let keep2 = Arc::clone(&keep);
         let thread = std::thread::Builder::new()
             .name(format!("ublk-{resource}"))
             .spawn(move || {
+                // libublk's control ring is per thread: the control object
+                // is made on the thread that runs the device.
+                let ctrl = match build_ctrl(&name, opts, ctrl_flags, recover) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
                 let tgt_init = move |dev: &mut UblkDev| {
                     set_params(dev, size, lbs);
                     Ok(())
@@ -227,7 +205,7 @@ impl Device {
                     serve_queue(qid, dev, Arc::clone(&io), rt.clone(), Arc::clone(&keep3))
                 };
                 let ready = move |c: &UblkCtrl| {
-                    let _ = tx.send((c.dev_info().dev_id, c.get_bdev_path()));
+                    let _ = tx.send(Ok((c.dev_info().dev_id, c.get_bdev_path())));
                 };
                 if let Err(e) = ctrl.run_target(tgt_init, q_fn, ready) {
                     tracing::error!(resource = %name, error = %e, "ublk device failed");
@@ -241,7 +219,11 @@ impl Device {
             })
             .expect("spawning a thread");
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok((id, path)) => {
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Ok(Ok((id, path))) => {
                 tracing::info!(resource, device = %path, id, recovered = recover.is_some(), "ublk device up");
                 Ok(Device {
                     resource: resource.into(),
@@ -333,6 +315,44 @@ impl Device {
             let _ = t.join();
         }
     }
+}
+
+/// Makes the control object of a new device, or of device `recover` left by
+/// a previous marsd (after `START_USER_RECOVERY`).
+fn build_ctrl(
+    resource: &str,
+    opts: Options,
+    ctrl_flags: u64,
+    recover: Option<u32>,
+) -> Result<UblkCtrl> {
+    let err = |what| {
+        move |source| Error::Ublk {
+            resource: resource.to_string(),
+            what,
+            source,
+        }
+    };
+    let dev_flags = if let Some(id) = recover {
+        let old = UblkCtrl::new_simple(id as i32).map_err(err("opening the device to recover"))?;
+        old.start_user_recover()
+            .map_err(err("starting user recovery"))?;
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
+    UblkCtrlBuilder::default()
+        .name(resource)
+        .id(recover.map_or(-1, |id| id as i32))
+        .nr_queues(opts.queues)
+        .depth(opts.depth)
+        .ctrl_flags(ctrl_flags)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(err(if recover.is_some() {
+            "recovering the device"
+        } else {
+            "adding a device"
+        }))
 }
 
 /// Removes a device left by a previous marsd that is not to be recovered
