@@ -40,17 +40,27 @@ addr() { echo "10.0.$(cat /tmp/s/$1/n).2:7000"; }
 start_marsd() {
   local name=$1 i=0
   rm -f "/tmp/s/$name/root/marsd.sock"
-  ip netns exec "$name" marsd --root "/tmp/s/$name/root" --node "$name" \
+  rm -f "/tmp/s/$name/pid"
+  # `ip netns exec` forks: the shell inside records marsd's own pid.
+  ip netns exec "$name" sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "/tmp/s/$name/pid" \
+    marsd --root "/tmp/s/$name/root" --node "$name" \
     --listen "$(addr "$name")" --startup-wait 2 --log-quota 256M $(cat "/tmp/s/$name/args") \
     >>"/tmp/s/$name/marsd.log" 2>&1 &
-  echo $! >"/tmp/s/$name/pid"
-  while [ ! -S "/tmp/s/$name/root/marsd.sock" ]; do
+  while [ ! -S "/tmp/s/$name/root/marsd.sock" ] || [ ! -s "/tmp/s/$name/pid" ]; do
     i=$((i + 1)); [ $i -lt 300 ] || fail "marsd on $name did not start"
     sleep 0.1
   done
 }
 
-kill9() { kill -9 "$(cat /tmp/s/$1/pid)"; sleep 0.5; }
+# kill9 NAME: SIGKILL, then wait until the process is gone (a zombie has
+# released its files and its lock on the state root).
+kill9() {
+  local pid i=0; pid=$(cat "/tmp/s/$1/pid"); kill -9 "$pid"
+  while [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 300 ] || fail "marsd on $1 did not die within 30 s of SIGKILL"
+    sleep 0.1
+  done
+}
 term() {
   local pid i=0; pid=$(cat "/tmp/s/$1/pid"); kill -TERM "$pid"
   while kill -0 "$pid" 2>/dev/null; do i=$((i + 1)); [ $i -lt 300 ] || fail "marsd on $1 ignored SIGTERM"; sleep 0.1; done

@@ -117,10 +117,13 @@ pub fn can_resize_online() -> bool {
 
 /// Unshares this process's mount namespace and makes every mount in it
 /// private, so mounts of our devices elsewhere never appear here (the
-/// libublk rule above). `unshare(CLONE_NEWNS)` applies to the calling thread
-/// only and needs a single-threaded process: call it first thing in `main`.
+/// libublk rule above). A marsd restarted while its devices are mounted
+/// (crash recovery) inherits copies of those mounts: they are detached here,
+/// in this namespace only. `unshare(CLONE_NEWNS)` applies to the calling
+/// thread only and needs a single-threaded process: call it first thing in
+/// `main`.
 pub fn private_mount_namespace() -> std::io::Result<()> {
-    use nix::mount::{MsFlags, mount};
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
     use nix::sched::{CloneFlags, unshare};
     unshare(CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
     mount(
@@ -130,7 +133,26 @@ pub fn private_mount_namespace() -> std::io::Result<()> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(std::io::Error::from)
+    .map_err(std::io::Error::from)?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    for target in ublk_mount_points(&mounts) {
+        // Best effort: a mount we cannot detach is reported by the caller's logs.
+        let _ = umount2(target.as_str(), MntFlags::MNT_DETACH);
+    }
+    Ok(())
+}
+
+/// Mount points of ublk block devices in a `/proc/self/mounts` text.
+fn ublk_mount_points(mounts: &str) -> Vec<String> {
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (src, target) = (f.next()?, f.next()?);
+            src.starts_with("/dev/ublkb")
+                .then(|| target.replace("\\040", " "))
+        })
+        .collect()
 }
 
 /// True when the block device at `path` is mounted or held open by someone
@@ -579,5 +601,22 @@ impl Request {
             Request::Zero(off, len, fua) => io.write_zeroes(off, len, fua).await.map(|()| None),
             Request::Flush => io.flush().await.map(|()| None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ublk_mounts_are_detached_in_the_private_namespace() {
+        let mounts = "/dev/vda1 / ext4 rw 0 0\n\
+                      /dev/ublkb0 /mnt/a\\040b ext4 rw 0 0\n\
+                      tmpfs /tmp tmpfs rw 0 0\n\
+                      /dev/ublkb12 /var/lib/kubelet/x xfs rw 0 0\n";
+        assert_eq!(
+            ublk_mount_points(mounts),
+            vec!["/mnt/a b".to_string(), "/var/lib/kubelet/x".to_string()]
+        );
     }
 }

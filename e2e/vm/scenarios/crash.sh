@@ -22,11 +22,15 @@ sleep 1
 out=$(adm B primary vol 2>&1) && fail "a normal primary succeeded with A unreachable"
 out=$(adm B primary vol --force) || fail "primary --force on B: $out"
 note "$out"
+step "stopping the writer"
 kill -9 $load 2>/dev/null || true
+step "detaching A's mount"
 umount -l /tmp/s/mnt 2>/dev/null || true
 devB=$(json B vol device); wait_dev "$devB"
 mkdir -p /tmp/s/mntB
+step "mounting $devB"
 mount -t ext4 "$devB" /tmp/s/mntB || fail "B's file system does not mount"
+step "mounted"
 ls /tmp/s/mntB | grep -q w || fail "none of the files written before the crash is on B"
 note "B has $(ls /tmp/s/mntB | grep -c w) of the files"
 umount /tmp/s/mntB

@@ -7,10 +7,11 @@ dev=$(adm A up vol | grep -o '/dev/ublkb[0-9]*'); wait_dev "$dev"
 mke2fs -q -F -t ext4 "$dev"
 mkdir -p /tmp/s/mnt && mount -t ext4 "$dev" /tmp/s/mnt
 write_files /tmp/s/mnt 10
-( dd if=/dev/urandom of=/tmp/s/big bs=1M count=8 2>/dev/null
-  i=0; while [ $i -lt 30 ]; do cp /tmp/s/big /tmp/s/mnt/big$i; i=$((i + 1)); done; sync
-  echo done >/tmp/s/writer.done ) >/dev/null 2>&1 &
-sleep 3
+dd if=/dev/urandom of=/tmp/s/big bs=1M count=4 2>/dev/null
+# 10 x 4 MiB into the 64 MiB file system, through the crash.
+( i=0; while [ $i -lt 10 ]; do cp /tmp/s/big /tmp/s/mnt/big$i; i=$((i + 1)); done; sync
+  echo done >/tmp/s/writer.done ) >/tmp/s/writer.log 2>&1 &
+sleep 2
 kill9 A
 note "killed marsd with $dev mounted and a writer running"
 sleep 2
@@ -23,7 +24,7 @@ done
 note "device back $((i / 10)) s after the restart"
 i=0
 while [ ! -f /tmp/s/writer.done ]; do
-  i=$((i + 1)); [ $i -lt 1200 ] || fail "the writer did not finish after recovery"
+  i=$((i + 1)); [ $i -lt 1200 ] || fail "the writer did not finish after recovery: $(cat /tmp/s/writer.log)"
   sleep 0.1
 done
 sum=$(md5 /tmp/s/big)
