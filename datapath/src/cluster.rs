@@ -36,6 +36,10 @@ pub struct Cluster {
     saved: Mutex<(Instant, bool)>,
     /// Wakes whoever waits for a state change (links, resources).
     pub changed: tokio::sync::Notify,
+    /// A local replica's position moved (its applier persisted): wakes the
+    /// reconcile loop, which publishes it, so that peers see positions
+    /// within milliseconds rather than at the next heartbeat.
+    pub progress: tokio::sync::Notify,
 }
 
 fn random_id() -> String {
@@ -85,6 +89,7 @@ impl Cluster {
             persist_lock: Mutex::new(()),
             saved: Mutex::new((Instant::now(), false)),
             changed: tokio::sync::Notify::new(),
+            progress: tokio::sync::Notify::new(),
         };
         c.persist();
         Ok(c)

@@ -40,6 +40,7 @@ impl Node {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = node.cluster.changed.notified() => tokio::time::sleep(Duration::from_millis(50)).await,
+                    _ = node.cluster.progress.notified() => {}
                 }
             }
         });

@@ -35,10 +35,10 @@ impl Runtime {
             .is_some_and(|s| s.target.is_none())
             .then(|| tokio::spawn(fullsync::run(Arc::clone(&res), Arc::clone(&cluster))));
         let applier = {
-            let (res, stop) = (Arc::clone(&res), Arc::clone(&stop));
+            let (res, stop, cluster) = (Arc::clone(&res), Arc::clone(&stop), Arc::clone(&cluster));
             std::thread::Builder::new()
                 .name(format!("apply-{}", res.name()))
-                .spawn(move || apply_loop(res, stop))
+                .spawn(move || apply_loop(res, stop, cluster))
                 .expect("spawn applier")
         };
         let mut rt = Runtime {
@@ -121,7 +121,12 @@ impl Handoff {
 /// Persists what the applier has written (device sync, then the position
 /// file), beside it, so that applying goes on during a sync. Only then
 /// does `written_back` (the replica's `applied`) move and logfiles go.
-fn persist_loop(res: Arc<Resource>, persister: Persister, handoff: Arc<Handoff>) {
+fn persist_loop(
+    res: Arc<Resource>,
+    persister: Persister,
+    handoff: Arc<Handoff>,
+    cluster: Arc<Cluster>,
+) {
     let name = res.name().to_string();
     while let Some(pos) = handoff.take() {
         let t = Instant::now();
@@ -131,6 +136,7 @@ fn persist_loop(res: Arc<Resource>, persister: Persister, handoff: Arc<Handoff>)
                 res.counters()
                     .written_back
                     .fetch_max(pos.pos, Ordering::AcqRel);
+                cluster.progress.notify_one();
                 match res.store().delete_before(pos.pos) {
                     Ok(freed) => res.quota().release(freed),
                     Err(e) => {
@@ -152,7 +158,7 @@ fn persist_loop(res: Arc<Resource>, persister: Persister, handoff: Arc<Handoff>)
     }
 }
 
-fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
+fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) {
     let name = res.name().to_string();
     let start = Position::load(&**res.storage(), &res.position_path())
         .ok()
@@ -174,7 +180,7 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
         let (res, p, h) = (Arc::clone(&res), app.persister(), Arc::clone(&handoff));
         std::thread::Builder::new()
             .name(format!("persist-{}", res.name()))
-            .spawn(move || persist_loop(res, p, h))
+            .spawn(move || persist_loop(res, p, h, cluster))
             .expect("spawn persister")
     };
     let mut handed = start.pos;
