@@ -9,6 +9,7 @@
 # that did not start, a failed I/O, a wait that ran out). Needs root.
 #
 #   e2e/bench/replication.sh [--quick] [--out FILE] [--keep] [--throttle-mbit N] [--tbf-burst SIZE]
+#                            [--slow-link-only]
 #
 # Environment: MARS_BENCH_DIR (parent of the work directory, default
 # /var/tmp; it must be on the file system you want to measure),
@@ -31,6 +32,7 @@ MODE=default
 OUT=
 THROTTLE_MBIT=
 TBF_BURST=64k
+SLOW_ONLY=0
 KEEP=0
 while [ $# -gt 0 ]; do
     case $1 in
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
             THROTTLE_MBIT=${2:?--throttle-mbit needs a number}; shift
             [[ "$THROTTLE_MBIT" =~ ^[1-9][0-9]*$ ]] || { echo "replication.sh: --throttle-mbit takes a whole number of Mbit/s" >&2; exit 2; }
             ;;
+        --slow-link-only) SLOW_ONLY=1 ;;
         --tbf-burst)
             TBF_BURST=${2:?--tbf-burst needs a size}; shift
             [[ "$TBF_BURST" =~ ^[1-9][0-9]*[kKmM]?$ ]] || { echo "replication.sh: --tbf-burst takes a size like 64k" >&2; exit 2; }
@@ -160,6 +163,8 @@ trap 'exit 143' TERM
 bounded() { timeout -k 5 "$CMD_TIMEOUT" "$@"; }
 in_ns() { local n=$1; shift; ip netns exec "$n" "$@"; }
 adm() { local h=$1; shift; bounded "$BIN/marsadm" --root "$W/$h/root" "$@"; }
+# wait_b: marsadm wait on A, bounded by WAIT_S (not by CMD_TIMEOUT).
+wait_b() { timeout -k 5 $((WAIT_S + 10)) "$BIN/marsadm" --root "$W/A/root" wait "$RES" --timeout "$WAIT_S"; }
 ns_of() { [ "$1" = A ] && echo "$NS_A" || echo "$NS_B"; }
 ip_of() { [ "$1" = A ] && echo "$IP_A" || echo "$IP_B"; }
 
@@ -260,6 +265,7 @@ NET_BITS=$($HELP iperf "$W/iperf3.json")
 NET_MIB=$(awk -v b="$NET_BITS" 'BEGIN { printf "%.1f", b / 8 / 1048576 }')
 say "  network: $(awk -v b="$NET_BITS" 'BEGIN { printf "%.2f", b / 1e9 }') Gbit/s = $NET_MIB MiB/s"
 
+if [ "$SLOW_ONLY" = 0 ]; then
 # ---- 1b. disk ceiling: the four streams one replicated write causes, at
 # once on this file system: primary log append, primary image writeback,
 # secondary log append, secondary image apply. Appends go to new files,
@@ -291,6 +297,7 @@ say "  disk, 4 streams of ${SHIP_MIB} MiB at once: $DISK_MIB MiB/s (per stream $
 say "  disk, 2 streams (the secondary's log + image) of ${SHIP_MIB} MiB at once: $DISK2_MIB MiB/s (per stream $DISK2_STREAMS)"
 say "  replication ceiling min(network, disk 4 streams): $CEIL_MIB MiB/s"
 
+fi
 # ---- two hosts: A primary, B secondary; images prefilled with zeroes so
 # that the fast full sync finds nothing to copy and no write pays for
 # block allocation.
@@ -303,6 +310,7 @@ adm B join-cluster "$IP_A:$PEER_PORT" >/dev/null
 adm B join-resource "$RES" "$W/B/$RES.img" >/dev/null
 adm A wait "$RES" --timeout 120 >/dev/null || die "B did not become UpToDate within 120 s"
 
+if [ "$SLOW_ONLY" = 0 ]; then
 # ---- 2. shipping + apply: write SHIP_MIB with B's fetching paused, then
 # resume and time B's catch-up (fetch + apply, measured on B).
 say ""
@@ -336,7 +344,7 @@ say "  B fetched and applied $(mib "$SHIP_LOG_BYTES") MiB of log in $CATCHUP_S s
 LAG_RATE=$(awk -v c="$CEIL_MIB" -v s="$CATCHUP_MIB" 'BEGIN { r = int(c / 2); if (r < 1) r = 1; print r }')
 say ""
 say "3. lag: sequential 1 MiB at $LAG_RATE MiB/s (half the ceiling) for $LAG_S s, B's lag sampled on A every $SAMPLE_S s"
-adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s before the lag run"
+wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s before the lag run"
 nbd_job write 1m 4 time_based=1 runtime="$LAG_S" rate="${LAG_RATE}m" >"$W/job.fio"
 $HELP sample "$BIN/marsadm" "$W/A/root" "$RES" B "$SAMPLE_S" "$W/lag.jsonl" "$W/B/root" &
 SAMPLER_PID=$!
@@ -349,11 +357,12 @@ read -r LAG_N LAG_B50 LAG_B99 LAG_BMAX LAG_S50 LAG_S99 LAG_SMAX LAG_ZERO \
     APPLY_B50 APPLY_B99 APPLY_BMAX APPLY_S50 APPLY_S99 APPLY_SMAX < <($HELP lagstats "$W/lag.jsonl")
 [ "$LAG_N" -gt 0 ] || die "the lag sampler got no sample"
 t0=$(date +%s%N)
-adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s after the lag run"
+wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s after the lag run"
 LAG_DRAIN=$(awk -v n="$(( $(date +%s%N) - t0 ))" 'BEGIN { printf "%.2f", n / 1e9 }')
 say "  achieved $LAG_WRITE_MIB MiB/s; as A reports it: lag_bytes p50 $LAG_B50 p99 $LAG_B99; lag_seconds p50 $LAG_S50 p99 $LAG_S99 ($LAG_N samples); drained in $LAG_DRAIN s"
 say "  apply lag (A's appended vs B's own applied): bytes p50 $APPLY_B50 p99 $APPLY_B99; seconds p50 $APPLY_S50 p99 $APPLY_S99"
 
+fi
 # ---- 4. the writer on a slow link: 4 KiB random QD32 on A, unthrottled,
 # then with A-B throttled to THROTTLE_PCT % of iperf3's figure on both ends.
 if [ -n "$THROTTLE_MBIT" ]; then
@@ -387,7 +396,7 @@ cpu_share() {
 
 iops_run() {
     local app0 app1 fetched1 c0 c1
-    adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s before run $1"
+    wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s before run $1"
     read -r app0 _ _ _ _ < <(status A B)
     c0=$(cpu_ticks)
     run_fio "$1" "$W/job.fio" $((IOPS_S + 120))
@@ -420,7 +429,7 @@ iops_run iops-fast2 "unthrottled:"
 FAST2_IOPS=$R_IOPS
 # The same with B's fetching paused: nothing is shipped or applied, so this
 # is the primary alone on this machine (B's work shares its CPUs and disk).
-adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s before the paused run"
+wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s before the paused run"
 adm B pause-fetch "$RES" >/dev/null
 iops_run iops-paused "B paused:   "
 PAUSED_IOPS=$R_IOPS PAUSED_P99=$R_P99
@@ -430,6 +439,12 @@ FAST_MIB=$FAST1_MIB FAST_P99=$FAST1_P99
 if awk -v l="$SLOW_LOG_MIB" -v t="$TBF_BITS" 'BEGIN { exit !(l * 1048576 * 8 < t * 0.8) }'; then
     say "  note: the log grew slower than the throttled link carries, so the throttle hardly bound;"
     say "        --throttle-mbit N with N below $(awk -v l="$FAST_LOG_MIB" 'BEGIN { printf "%d", l * 8.39 }') (the unthrottled log rate) makes it bind"
+fi
+
+if [ "$SLOW_ONLY" = 1 ]; then
+    say ""
+    say "--slow-link-only: no report"
+    exit 0
 fi
 
 # ---- report
