@@ -124,16 +124,47 @@ pub fn apply_record(dev: &dyn File, device: &Path, pos: u64, rec: &Record) -> Re
     }
 }
 
-/// Replays the log into a device from a persisted position, persisting the
-/// new position after the device is synced.
-pub struct Applicator {
-    store: Arc<LogStore>,
+/// What persisting an applied position needs: the device to sync and where
+/// the position goes. Cloned into a thread that persists while the applier
+/// goes on applying.
+#[derive(Clone)]
+pub struct Persister {
     storage: Arc<dyn Storage>,
     device: Arc<dyn File>,
     device_path: PathBuf,
     position_path: PathBuf,
-    position: Position,
 }
+
+impl Persister {
+    /// Syncs the device, then stores `pos`: everything before `pos` must
+    /// have been written to the device before this call. Never call it
+    /// with a position behind one already persisted.
+    pub fn persist(&self, pos: Position) -> Result<()> {
+        self.device.sync_data().map_err(|source| Error::Device {
+            device: self.device_path.clone(),
+            pos: pos.pos,
+            seq: pos.next_seq,
+            source,
+        })?;
+        pos.store(&*self.storage, &self.position_path)
+    }
+}
+
+/// Replays the log into a device from a persisted position. Applying and
+/// persisting are separate steps: [`Applicator::apply_records`] only writes
+/// to the device, [`Persister::persist`] makes a position durable, so that a
+/// caller may batch syncs (or run them beside further applying).
+pub struct Applicator {
+    store: Arc<LogStore>,
+    persister: Persister,
+    /// Persisted by [`Applicator::apply_until`].
+    position: Position,
+    /// Written to the device (maybe not yet synced).
+    applied: Position,
+}
+
+/// One call of [`Applicator::apply_records`] writes at most this many bytes.
+const APPLY_BATCH_BYTES: u64 = 16 << 20;
 
 impl Applicator {
     pub fn new(
@@ -146,26 +177,42 @@ impl Applicator {
     ) -> Self {
         Self {
             store,
-            storage,
-            device,
-            device_path,
-            position_path,
+            persister: Persister {
+                storage,
+                device,
+                device_path,
+                position_path,
+            },
             position: start,
+            applied: start,
         }
     }
 
+    /// The position persisted by [`Applicator::apply_until`].
     pub fn position(&self) -> Position {
         self.position
     }
 
-    /// Applies records up to (not beyond) log position `limit`, at most
-    /// `max_records`; then syncs the device and persists the position.
-    /// Returns the number of records applied.
-    pub fn apply_until(&mut self, limit: u64, max_records: usize) -> Result<usize> {
-        let mut cursor = self.store.cursor(self.position.pos)?;
+    /// The position written to the device, synced or not.
+    pub fn applied(&self) -> Position {
+        self.applied
+    }
+
+    pub fn persister(&self) -> Persister {
+        self.persister.clone()
+    }
+
+    /// Writes records to the device up to (not beyond) log position
+    /// `limit`, at most `max_records` and about [`APPLY_BATCH_BYTES`],
+    /// without syncing. Returns the number of records applied.
+    pub fn apply_records(&mut self, limit: u64, max_records: usize) -> Result<usize> {
+        let mut cursor = self.store.cursor(self.applied.pos)?;
         let mut applied = 0;
-        let mut pos = self.position;
-        while applied < max_records {
+        let mut pos = self.applied;
+        let start = pos.pos;
+        // Nothing at or past `limit` is read: the record there may still be
+        // being appended (reading it would find it incomplete).
+        while applied < max_records && pos.pos - start < APPLY_BATCH_BYTES && pos.pos < limit {
             let Some((at, rec)) = cursor.next_record()? else {
                 break;
             };
@@ -184,22 +231,26 @@ impl Applicator {
                 }
                 .into());
             }
-            apply_record(&*self.device, &self.device_path, at, &rec)?;
+            let p = &self.persister;
+            apply_record(&*p.device, &p.device_path, at, &rec)?;
             pos = Position {
                 pos: end,
                 next_seq: rec.header.seq + 1,
             };
+            self.applied = pos;
             applied += 1;
         }
-        if applied > 0 {
-            self.device.sync_data().map_err(|source| Error::Device {
-                device: self.device_path.clone(),
-                pos: pos.pos,
-                seq: pos.next_seq,
-                source,
-            })?;
-            pos.store(&*self.storage, &self.position_path)?;
-            self.position = pos;
+        Ok(applied)
+    }
+
+    /// Applies records up to (not beyond) log position `limit`, at most
+    /// `max_records`; then syncs the device and persists the position.
+    /// Returns the number of records applied.
+    pub fn apply_until(&mut self, limit: u64, max_records: usize) -> Result<usize> {
+        let applied = self.apply_records(limit, max_records)?;
+        if self.applied.pos > self.position.pos {
+            self.persister.persist(self.applied)?;
+            self.position = self.applied;
         }
         Ok(applied)
     }
@@ -406,6 +457,50 @@ mod tests {
             prop_assert_eq!(app.apply_all().unwrap(), ops.len() - j);
             prop_assert_eq!(f.device(), states[ops.len()].clone());
         }
+    }
+
+    /// The fetcher appends while the applier applies up to what is durable.
+    /// A record past the limit may be seen half-written even after the
+    /// store has noted its append (the reader's read raced the write): it
+    /// must not be read at all, else it looks like damage (this made the
+    /// applier log an error and pause for a second under steady load).
+    #[test]
+    fn a_record_being_appended_past_the_limit_is_not_read() {
+        let ops: Vec<Op> = (0..4u8)
+            .map(|i| Op::Write {
+                offset: u64::from(i) * 100,
+                len: 50,
+                byte: i + 1,
+            })
+            .collect();
+        let f = fixture(&ops, 100);
+        let states = model_states(&ops);
+        // Half of a fifth record, as a write in progress leaves it.
+        let h = RecordHeader {
+            kind: RecordKind::Write,
+            volume: 0,
+            seq: 5,
+            generation: 1,
+            offset: 0,
+            length: 4096,
+            timestamp_ns: 0,
+            payload_len: 4096,
+        };
+        let mut buf = Vec::new();
+        encode_record(&h, &[9u8; 4096], &mut buf);
+        let last = f.store.files().last().unwrap().clone();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last.path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &buf[..buf.len() / 2]).unwrap();
+        // The append is noted, but the reader sees only half of it.
+        f.store
+            .note_append(last.header.start_pos, f.ends[3] + buf.len() as u64, 6);
+        let mut app = f.applicator(START);
+        assert_eq!(app.apply_until(f.ends[3], usize::MAX).unwrap(), 4);
+        assert_eq!(app.apply_until(f.ends[3], usize::MAX).unwrap(), 0);
+        assert_eq!(f.device(), states[4]);
     }
 
     #[test]

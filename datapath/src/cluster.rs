@@ -18,6 +18,11 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 pub const CLUSTER_FILE: &str = "cluster.json";
+/// A merge that changed only replica positions is saved at most this often:
+/// every replica re-sends its positions with each heartbeat, and a save
+/// (temp file, fsync, rename, fsync dir) per gossip message would put
+/// syncs on the gossip path and on the disk the log shares.
+const POSITIONS_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct Cluster {
     pub node: String,
@@ -27,8 +32,14 @@ pub struct Cluster {
     membership: Mutex<Membership>,
     heard: Mutex<HashMap<String, Instant>>,
     persist_lock: Mutex<()>,
+    /// When the state was last saved, and whether it changed since.
+    saved: Mutex<(Instant, bool)>,
     /// Wakes whoever waits for a state change (links, resources).
     pub changed: tokio::sync::Notify,
+    /// A local replica's position moved (its applier persisted): wakes the
+    /// reconcile loop, which publishes it, so that peers see positions
+    /// within milliseconds rather than at the next heartbeat.
+    pub progress: tokio::sync::Notify,
 }
 
 fn random_id() -> String {
@@ -76,7 +87,9 @@ impl Cluster {
             membership: Mutex::new(m),
             heard: Mutex::new(HashMap::new()),
             persist_lock: Mutex::new(()),
+            saved: Mutex::new((Instant::now(), false)),
             changed: tokio::sync::Notify::new(),
+            progress: tokio::sync::Notify::new(),
         };
         c.persist();
         Ok(c)
@@ -114,6 +127,7 @@ impl Cluster {
         // One save at a time, state taken inside: concurrent saves would share
         // the temporary file, and an older state could overwrite a newer one.
         let _saving = self.persist_lock.lock().expect("persist lock");
+        *self.saved.lock().expect("saved lock") = (Instant::now(), false);
         let bytes =
             serde_json::to_vec_pretty(&self.membership.lock().expect("membership lock").state)
                 .expect("state serializes");
@@ -132,20 +146,39 @@ impl Cluster {
         r
     }
 
-    /// Merges a peer's state; persists and wakes waiters if it changed.
+    /// Merges a peer's state; wakes waiters if it changed and persists it,
+    /// at once if more than positions changed, else at most every
+    /// [`POSITIONS_SAVE_INTERVAL`] (see [`Cluster::save_if_due`]).
     pub fn merge(&self, other: &ClusterState) -> bool {
-        let changed = {
+        let changes = {
             let mut m = self.membership.lock().expect("membership lock");
             if m.state.cluster_id != other.cluster_id {
                 return false;
             }
             m.merge(other)
         };
-        if changed {
+        if changes.structural {
             self.persist();
+        } else if changes.any {
+            self.saved.lock().expect("saved lock").1 = true;
+            self.save_if_due();
+        }
+        if changes.any {
             self.changed.notify_waiters();
         }
-        changed
+        changes.any
+    }
+
+    /// Saves merged positions that are not saved yet, if the last save is
+    /// older than [`POSITIONS_SAVE_INTERVAL`].
+    pub fn save_if_due(&self) {
+        let due = {
+            let s = self.saved.lock().expect("saved lock");
+            s.1 && s.0.elapsed() >= POSITIONS_SAVE_INTERVAL
+        };
+        if due {
+            self.persist();
+        }
     }
 
     /// Becomes a member of another cluster (join-cluster): its id and state.

@@ -40,6 +40,7 @@ impl Node {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = node.cluster.changed.notified() => tokio::time::sleep(Duration::from_millis(50)).await,
+                    _ = node.cluster.progress.notified() => {}
                 }
             }
         });
@@ -261,6 +262,7 @@ impl Node {
     /// Publishes this node's replica positions, keeps secondaries running and
     /// tells primaries how far the other replicas have applied.
     fn reconcile(self: &Arc<Self>, caught_up: &mut HashMap<String, f64>) {
+        self.cluster.save_if_due();
         let state = self.cluster.state();
         let now = unix_now();
         let resources: Vec<Arc<Resource>> = self
@@ -338,6 +340,15 @@ impl Node {
             if !behind {
                 *last = now;
             }
+            // Behind: the device is the primary's as of the moment it logged
+            // the first record not applied here, if that record is fetched
+            // (else: since we last saw ourselves caught up).
+            let fetched = c.flushed.load(Ordering::Acquire);
+            let current_as_of = if behind && fetched > applied {
+                secondary::logged_at(&res, applied).unwrap_or(*last)
+            } else {
+                *last
+            };
             let progress =
                 res.sync_progress
                     .lock()
@@ -353,12 +364,12 @@ impl Node {
                 split_brain: meta.split_brain,
                 divergent_bytes: meta.divergent_bytes,
                 disk_state: meta.disk_state.as_str().into(),
-                fetched: c.flushed.load(Ordering::Acquire),
+                fetched,
                 applied,
                 sync_target: meta.sync.and_then(|s| s.target),
                 sync_progress: progress.map(|p| p.0),
                 sync_rate_bytes: progress.map(|p| p.1),
-                caught_up_at: *last,
+                caught_up_at: current_as_of,
             };
             let published = rstate
                 .and_then(|r| r.replicas.get(&self.cfg.node))

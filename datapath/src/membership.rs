@@ -102,6 +102,38 @@ pub struct ReplicaInfo {
     pub divergent_bytes: u64,
 }
 
+impl ReplicaInfo {
+    /// Equal but for the positions and progress figures, which every
+    /// replica re-sends at each heartbeat (no need to save them at once).
+    fn same_but_positions(&self, other: &ReplicaInfo) -> bool {
+        let strip = |i: &ReplicaInfo| ReplicaInfo {
+            fetched: 0,
+            applied: 0,
+            caught_up_at: 0.0,
+            sync_progress: None,
+            sync_rate_bytes: None,
+            ..i.clone()
+        };
+        strip(self) == strip(other)
+    }
+}
+
+/// What a merge changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub any: bool,
+    /// Something besides replica positions and progress changed (members,
+    /// primary, config, a replica's state, added or removed).
+    pub structural: bool,
+}
+
+impl Changes {
+    fn add(&mut self, changed: bool, structural: bool) {
+        self.any |= changed;
+        self.structural |= changed && structural;
+    }
+}
+
 /// Everything the cluster knows about one resource.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ResourceState {
@@ -115,12 +147,31 @@ pub struct ResourceState {
 }
 
 impl ResourceState {
-    fn merge(&mut self, other: &ResourceState) -> bool {
-        let mut changed = merge_opt(&mut self.config, &other.config);
-        changed |= merge_opt(&mut self.primary, &other.primary);
-        changed |= merge_opt(&mut self.dropped, &other.dropped);
-        changed |= merge_map(&mut self.replicas, &other.replicas);
-        changed
+    fn merge(&mut self, other: &ResourceState) -> Changes {
+        let mut ch = Changes::default();
+        ch.add(merge_opt(&mut self.config, &other.config), true);
+        ch.add(merge_opt(&mut self.primary, &other.primary), true);
+        ch.add(merge_opt(&mut self.dropped, &other.dropped), true);
+        for (k, e) in &other.replicas {
+            match self.replicas.get_mut(k) {
+                Some(m) => {
+                    let before = m.value.clone();
+                    if m.merge(e) {
+                        let positions_only = match (&before, &m.value) {
+                            (Some(a), Some(b)) => a.same_but_positions(b),
+                            (None, None) => true,
+                            _ => false,
+                        };
+                        ch.add(true, !positions_only);
+                    }
+                }
+                None => {
+                    self.replicas.insert(k.clone(), e.clone());
+                    ch.add(true, true);
+                }
+            }
+        }
+        ch
     }
 
     pub fn config(&self) -> Option<&ResourceConfig> {
@@ -167,14 +218,16 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Merges a peer's state into ours. Returns whether anything changed.
+    /// Merges a peer's state into ours. Returns what changed.
     /// States of different clusters never merge (the caller checks ids).
-    pub fn merge(&mut self, other: &ClusterState) -> bool {
-        let mut changed = merge_map(&mut self.members, &other.members);
+    pub fn merge(&mut self, other: &ClusterState) -> Changes {
+        let mut ch = Changes::default();
+        ch.add(merge_map(&mut self.members, &other.members), true);
         for (name, r) in &other.resources {
-            changed |= self.resources.entry(name.clone()).or_default().merge(r);
+            let c = self.resources.entry(name.clone()).or_default().merge(r);
+            ch.add(c.any, c.structural);
         }
-        changed
+        ch
     }
 
     /// The highest clock seen in this state, to advance our Lamport clock.
@@ -251,7 +304,7 @@ impl Membership {
     }
 
     /// Merges a peer's state; our clock jumps past everything seen.
-    pub fn merge(&mut self, other: &ClusterState) -> bool {
+    pub fn merge(&mut self, other: &ClusterState) -> Changes {
         self.clock = self.clock.max(other.max_clock());
         self.state.merge(other)
     }

@@ -503,7 +503,7 @@ impl Node {
                 lag_seconds: if lag_bytes == 0 {
                     0.0
                 } else {
-                    (now - info.caught_up_at).max(0.0)
+                    crate::secondary::lag_seconds(r, info.applied, info.caught_up_at, now)
                 },
                 sync_progress: info.sync_progress,
                 sync_rate_bytes: info.sync_rate_bytes,
@@ -517,7 +517,9 @@ impl Node {
             let me = rstate
                 .and_then(|s| s.replicas().find(|(n, _)| **n == self.cfg.node))
                 .map(|(_, i)| i.caught_up_at);
-            replicas[0].lag_seconds = me.map_or(0.0, |t| (now - t).max(0.0));
+            replicas[0].lag_seconds = me.map_or(0.0, |t| {
+                crate::secondary::lag_seconds(r, written_back, t, now)
+            });
         }
         let error = r
             .writeback_error()

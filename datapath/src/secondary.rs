@@ -4,13 +4,15 @@
 //! durable in the local log copy. Between records the device is the
 //! primary's device at some earlier log position.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::applicator::{Applicator, Position};
+use crate::applicator::{Applicator, Persister, Position};
 use crate::cluster::Cluster;
+use crate::log::format::{self, RECORD_HEADER_LEN};
+use crate::log::reader::FIRST_RECORD;
 use crate::replication::{fetcher, fullsync};
 use crate::resource::{DiskState, Resource};
 
@@ -33,10 +35,10 @@ impl Runtime {
             .is_some_and(|s| s.target.is_none())
             .then(|| tokio::spawn(fullsync::run(Arc::clone(&res), Arc::clone(&cluster))));
         let applier = {
-            let (res, stop) = (Arc::clone(&res), Arc::clone(&stop));
+            let (res, stop, cluster) = (Arc::clone(&res), Arc::clone(&stop), Arc::clone(&cluster));
             std::thread::Builder::new()
                 .name(format!("apply-{}", res.name()))
-                .spawn(move || apply_loop(res, stop))
+                .spawn(move || apply_loop(res, stop, cluster))
                 .expect("spawn applier")
         };
         let mut rt = Runtime {
@@ -76,7 +78,87 @@ impl Runtime {
     }
 }
 
-fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
+/// The applier hands its position to the persister at most this often
+/// while it applies (each persist syncs the device and the position file).
+const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
+/// Records per call of the applicator between checks of pause and stop.
+const APPLY_RECORDS: usize = 256;
+
+/// The newest applied position waiting to be persisted (latest wins).
+#[derive(Default)]
+struct Handoff {
+    state: Mutex<HandoffState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct HandoffState {
+    pending: Option<Position>,
+    stop: bool,
+}
+
+impl Handoff {
+    fn offer(&self, pos: Position) {
+        self.state.lock().expect("handoff lock").pending = Some(pos);
+        self.cv.notify_one();
+    }
+
+    /// The next position to persist; `None` once stopped and drained.
+    fn take(&self) -> Option<Position> {
+        let mut st = self.state.lock().expect("handoff lock");
+        while st.pending.is_none() && !st.stop {
+            st = self.cv.wait(st).expect("handoff lock");
+        }
+        st.pending.take()
+    }
+
+    fn stop(&self) {
+        self.state.lock().expect("handoff lock").stop = true;
+        self.cv.notify_one();
+    }
+}
+
+/// Persists what the applier has written (device sync, then the position
+/// file), beside it, so that applying goes on during a sync. Only then
+/// does `written_back` (the replica's `applied`) move and logfiles go.
+fn persist_loop(
+    res: Arc<Resource>,
+    persister: Persister,
+    handoff: Arc<Handoff>,
+    cluster: Arc<Cluster>,
+) {
+    let name = res.name().to_string();
+    while let Some(pos) = handoff.take() {
+        let t = Instant::now();
+        match persister.persist(pos) {
+            Ok(()) => {
+                tracing::debug!(resource = %name, pos = pos.pos, ms = t.elapsed().as_millis() as u64, "applied position persisted");
+                res.counters()
+                    .written_back
+                    .fetch_max(pos.pos, Ordering::AcqRel);
+                cluster.progress.notify_one();
+                match res.store().delete_before(pos.pos) {
+                    Ok(freed) => res.quota().release(freed),
+                    Err(e) => {
+                        tracing::warn!(resource = %name, error = %e, "deleting applied logfiles failed")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(resource = %name, pos = pos.pos, error = %e, "persisting the applied position failed; retrying");
+                *res.repl_error.lock().expect("error lock") = Some(format!("apply: {e}"));
+                std::thread::sleep(Duration::from_secs(1));
+                // Retry unless a newer position arrived meanwhile.
+                let mut st = handoff.state.lock().expect("handoff lock");
+                if st.pending.is_none() {
+                    st.pending = Some(pos);
+                }
+            }
+        }
+    }
+}
+
+fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) {
     let name = res.name().to_string();
     let start = Position::load(&**res.storage(), &res.position_path())
         .ok()
@@ -93,19 +175,37 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
     res.counters()
         .written_back
         .store(start.pos, Ordering::Release);
+    let handoff = Arc::new(Handoff::default());
+    let persister = {
+        let (res, p, h) = (Arc::clone(&res), app.persister(), Arc::clone(&handoff));
+        std::thread::Builder::new()
+            .name(format!("persist-{}", res.name()))
+            .spawn(move || persist_loop(res, p, h, cluster))
+            .expect("spawn persister")
+    };
+    let mut handed = start.pos;
+    let mut last_handoff = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        let applied = app.applied();
+        if applied.pos > handed && last_handoff.elapsed() >= PERSIST_INTERVAL {
+            handoff.offer(applied);
+            handed = applied.pos;
+            last_handoff = Instant::now();
+        }
         let meta = res.meta();
-        let pos = app.position().pos;
-        // A full sync is done once replay has passed the position at the
-        // end of the copy (it may already be there).
+        // A full sync is done once the persisted position has passed the
+        // position at the end of the copy (it may already be there).
+        let durable = res.counters().written_back.load(Ordering::Acquire);
         if let Some(s) = meta.sync
-            && s.target.is_some_and(|t| pos >= t)
+            && s.target.is_some_and(|t| durable >= t)
         {
             match res.update_meta(|m| {
                 m.disk_state = DiskState::UpToDate;
                 m.sync = None;
             }) {
-                Ok(()) => tracing::info!(resource = %name, pos, "full sync complete: UpToDate"),
+                Ok(()) => {
+                    tracing::info!(resource = %name, pos = durable, "full sync complete: UpToDate")
+                }
                 Err(e) => {
                     tracing::error!(resource = %name, error = %e, "recording UpToDate failed")
                 }
@@ -114,27 +214,19 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
         }
         let copying = meta.sync.is_some_and(|s| s.target.is_none());
         let limit = res.counters().flushed.load(Ordering::Acquire);
-        if copying || meta.replay_paused || limit <= pos || res.store().files().is_empty() {
-            std::thread::sleep(Duration::from_millis(20));
+        if copying || meta.replay_paused || limit <= applied.pos || res.store().files().is_empty() {
+            std::thread::sleep(Duration::from_millis(10));
             continue;
         }
         let _applying = res.apply_lock.lock().expect("apply lock");
         if res.meta().replay_paused {
             continue;
         }
-        match app.apply_until(limit, 64) {
-            Ok(0) => std::thread::sleep(Duration::from_millis(20)),
-            Ok(_) => {
-                let applied = app.position().pos;
-                res.counters()
-                    .written_back
-                    .store(applied, Ordering::Release);
-                match res.store().delete_before(applied) {
-                    Ok(freed) => res.quota().release(freed),
-                    Err(e) => {
-                        tracing::warn!(resource = %name, error = %e, "deleting applied logfiles failed")
-                    }
-                }
+        let t = Instant::now();
+        match app.apply_records(limit, APPLY_RECORDS) {
+            Ok(0) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(n) => {
+                tracing::debug!(resource = %name, records = n, pos = app.applied().pos, limit, us = t.elapsed().as_micros() as u64, "applied");
                 res.repl_error.lock().expect("error lock").take();
             }
             Err(e) => {
@@ -144,4 +236,43 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>) {
             }
         }
     }
+    // Whatever was applied gets persisted before the runtime counts as
+    // stopped: nobody else may write the position file meanwhile.
+    if app.applied().pos > handed {
+        handoff.offer(app.applied());
+    }
+    handoff.stop();
+    let _ = persister.join();
+}
+
+/// When the primary logged the record at `pos` of the local log (unix
+/// seconds, from the record's timestamp), if the local log holds it. A
+/// replica that has applied up to `pos` is the primary's device as it was
+/// just before that moment: its lag in seconds is the time since.
+pub(crate) fn logged_at(res: &Resource, pos: u64) -> Option<f64> {
+    let files = res.store().files();
+    let f = files
+        .iter()
+        .find(|f| f.header.start_pos <= pos && pos < f.end_pos)?;
+    let file = res
+        .storage()
+        .open(&f.path, crate::storage::OpenMode::Read)
+        .ok()?;
+    let mut buf = [0u8; RECORD_HEADER_LEN];
+    let at = pos - f.header.start_pos + FIRST_RECORD;
+    if file.read_at(&mut buf, at).ok()? < buf.len() {
+        return None;
+    }
+    let h = format::decode_record_header(&buf).ok()?;
+    Some(h.timestamp_ns as f64 / 1e9)
+}
+
+/// How many seconds a replica that has applied up to `applied` is behind
+/// (called only when it is behind): the time since this node's log got
+/// the first record it has not applied, if this node's log holds that
+/// record (a primary; a secondary about itself); else the time since the
+/// replica last reported itself current (`as_of`, unix seconds).
+pub(crate) fn lag_seconds(res: &Resource, applied: u64, as_of: f64, now: f64) -> f64 {
+    let since = logged_at(res, applied).unwrap_or(as_of);
+    (now - since).max(0.0)
 }

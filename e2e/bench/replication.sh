@@ -8,7 +8,8 @@
 # non-zero only when something could not be run (a missing tool, a server
 # that did not start, a failed I/O, a wait that ran out). Needs root.
 #
-#   e2e/bench/replication.sh [--quick] [--out FILE] [--keep] [--throttle-mbit N]
+#   e2e/bench/replication.sh [--quick] [--out FILE] [--keep] [--throttle-mbit N] [--tbf-burst SIZE]
+#                            [--slow-link-only]
 #
 # Environment: MARS_BENCH_DIR (parent of the work directory, default
 # /var/tmp; it must be on the file system you want to measure),
@@ -30,6 +31,8 @@ usage() {
 MODE=default
 OUT=
 THROTTLE_MBIT=
+TBF_BURST=64k
+SLOW_ONLY=0
 KEEP=0
 while [ $# -gt 0 ]; do
     case $1 in
@@ -39,6 +42,11 @@ while [ $# -gt 0 ]; do
         --throttle-mbit)
             THROTTLE_MBIT=${2:?--throttle-mbit needs a number}; shift
             [[ "$THROTTLE_MBIT" =~ ^[1-9][0-9]*$ ]] || { echo "replication.sh: --throttle-mbit takes a whole number of Mbit/s" >&2; exit 2; }
+            ;;
+        --slow-link-only) SLOW_ONLY=1 ;;
+        --tbf-burst)
+            TBF_BURST=${2:?--tbf-burst needs a size}; shift
+            [[ "$TBF_BURST" =~ ^[1-9][0-9]*[kKmM]?$ ]] || { echo "replication.sh: --tbf-burst takes a size like 64k" >&2; exit 2; }
             ;;
         -h | --help) usage 0 ;;
         *) echo "replication.sh: unknown argument $1" >&2; usage 2 >&2 ;;
@@ -155,6 +163,8 @@ trap 'exit 143' TERM
 bounded() { timeout -k 5 "$CMD_TIMEOUT" "$@"; }
 in_ns() { local n=$1; shift; ip netns exec "$n" "$@"; }
 adm() { local h=$1; shift; bounded "$BIN/marsadm" --root "$W/$h/root" "$@"; }
+# wait_b: marsadm wait on A, bounded by WAIT_S (not by CMD_TIMEOUT).
+wait_b() { timeout -k 5 $((WAIT_S + 10)) "$BIN/marsadm" --root "$W/A/root" wait "$RES" --timeout "$WAIT_S"; }
 ns_of() { [ "$1" = A ] && echo "$NS_A" || echo "$NS_B"; }
 ip_of() { [ "$1" = A ] && echo "$IP_A" || echo "$IP_B"; }
 
@@ -255,6 +265,7 @@ NET_BITS=$($HELP iperf "$W/iperf3.json")
 NET_MIB=$(awk -v b="$NET_BITS" 'BEGIN { printf "%.1f", b / 8 / 1048576 }')
 say "  network: $(awk -v b="$NET_BITS" 'BEGIN { printf "%.2f", b / 1e9 }') Gbit/s = $NET_MIB MiB/s"
 
+if [ "$SLOW_ONLY" = 0 ]; then
 # ---- 1b. disk ceiling: the four streams one replicated write causes, at
 # once on this file system: primary log append, primary image writeback,
 # secondary log append, secondary image apply. Appends go to new files,
@@ -286,6 +297,7 @@ say "  disk, 4 streams of ${SHIP_MIB} MiB at once: $DISK_MIB MiB/s (per stream $
 say "  disk, 2 streams (the secondary's log + image) of ${SHIP_MIB} MiB at once: $DISK2_MIB MiB/s (per stream $DISK2_STREAMS)"
 say "  replication ceiling min(network, disk 4 streams): $CEIL_MIB MiB/s"
 
+fi
 # ---- two hosts: A primary, B secondary; images prefilled with zeroes so
 # that the fast full sync finds nothing to copy and no write pays for
 # block allocation.
@@ -298,6 +310,7 @@ adm B join-cluster "$IP_A:$PEER_PORT" >/dev/null
 adm B join-resource "$RES" "$W/B/$RES.img" >/dev/null
 adm A wait "$RES" --timeout 120 >/dev/null || die "B did not become UpToDate within 120 s"
 
+if [ "$SLOW_ONLY" = 0 ]; then
 # ---- 2. shipping + apply: write SHIP_MIB with B's fetching paused, then
 # resume and time B's catch-up (fetch + apply, measured on B).
 say ""
@@ -331,22 +344,25 @@ say "  B fetched and applied $(mib "$SHIP_LOG_BYTES") MiB of log in $CATCHUP_S s
 LAG_RATE=$(awk -v c="$CEIL_MIB" -v s="$CATCHUP_MIB" 'BEGIN { r = int(c / 2); if (r < 1) r = 1; print r }')
 say ""
 say "3. lag: sequential 1 MiB at $LAG_RATE MiB/s (half the ceiling) for $LAG_S s, B's lag sampled on A every $SAMPLE_S s"
-adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s before the lag run"
+wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s before the lag run"
 nbd_job write 1m 4 time_based=1 runtime="$LAG_S" rate="${LAG_RATE}m" >"$W/job.fio"
-$HELP sample "$BIN/marsadm" "$W/A/root" "$RES" B "$SAMPLE_S" "$W/lag.jsonl" &
+$HELP sample "$BIN/marsadm" "$W/A/root" "$RES" B "$SAMPLE_S" "$W/lag.jsonl" "$W/B/root" &
 SAMPLER_PID=$!
 run_fio lag "$W/job.fio" $((LAG_S + 120))
 kill "$SAMPLER_PID"
 wait "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=
 read -r _ _ LAG_WRITE_MIB _ _ < <($HELP fio "$W/fio/lag.json")
-read -r LAG_N LAG_B50 LAG_B99 LAG_BMAX LAG_S50 LAG_S99 LAG_SMAX LAG_ZERO < <($HELP lagstats "$W/lag.jsonl")
+read -r LAG_N LAG_B50 LAG_B99 LAG_BMAX LAG_S50 LAG_S99 LAG_SMAX LAG_ZERO \
+    APPLY_B50 APPLY_B99 APPLY_BMAX APPLY_S50 APPLY_S99 APPLY_SMAX < <($HELP lagstats "$W/lag.jsonl")
 [ "$LAG_N" -gt 0 ] || die "the lag sampler got no sample"
 t0=$(date +%s%N)
-adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s after the lag run"
+wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s after the lag run"
 LAG_DRAIN=$(awk -v n="$(( $(date +%s%N) - t0 ))" 'BEGIN { printf "%.2f", n / 1e9 }')
-say "  achieved $LAG_WRITE_MIB MiB/s; lag_bytes p50 $LAG_B50 p99 $LAG_B99; lag_seconds p50 $LAG_S50 p99 $LAG_S99 ($LAG_N samples); drained in $LAG_DRAIN s"
+say "  achieved $LAG_WRITE_MIB MiB/s; as A reports it: lag_bytes p50 $LAG_B50 p99 $LAG_B99; lag_seconds p50 $LAG_S50 p99 $LAG_S99 ($LAG_N samples); drained in $LAG_DRAIN s"
+say "  apply lag (A's appended vs B's own applied): bytes p50 $APPLY_B50 p99 $APPLY_B99; seconds p50 $APPLY_S50 p99 $APPLY_S99"
 
+fi
 # ---- 4. the writer on a slow link: 4 KiB random QD32 on A, unthrottled,
 # then with A-B throttled to THROTTLE_PCT % of iperf3's figure on both ends.
 if [ -n "$THROTTLE_MBIT" ]; then
@@ -359,17 +375,43 @@ say "4. slow link: rand-4K-QD32 for $IOPS_S s, unthrottled, then A-B throttled t
 nbd_job randwrite 4k 32 time_based=1 runtime="$IOPS_S" >"$W/job.fio"
 # iops_run NAME: one run; sets R_MIB R_IOPS R_P99 R_LOG_MIB R_UNFETCHED
 # R_LAG (B behind at the end: not yet fetched, not yet applied, as A sees it).
+# cpu_ticks: CPU time so far (clock ticks) of marsd A, marsd B, and the
+# machine's user+nice, system, softirq+irq, idle+iowait (all CPUs).
+cpu_ticks() {
+    local h t
+    for h in A B; do
+        read -r -a t <"/proc/${PID[$h]}/stat" 2>/dev/null || t=()
+        # utime and stime are fields 14 and 15 (the name has no spaces here).
+        printf '%s ' "$(( ${t[13]:-0} + ${t[14]:-0} ))"
+    done
+    awk '$1 == "cpu" { print $2 + $3, $4, $7 + $8, $5 + $6 }' /proc/stat
+}
+# cpu_share BEFORE AFTER: "marsd A, marsd B, user, system, softirq, idle"
+# as seconds of CPU per second of the run (2.00 = both CPUs busy).
+cpu_share() {
+    awk -v b="$1" -v a="$2" -v s="$IOPS_S" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        n = split(b, x, " "); split(a, y, " ");
+        for (i = 1; i <= n; i++) printf "%.2f%s", (y[i] - x[i]) / hz / s, (i < n ? " " : "\n") }'
+}
+
 iops_run() {
-    local app0 app1 fetched1
-    adm A wait "$RES" --timeout "$WAIT_S" >/dev/null || die "B did not catch up within $WAIT_S s before run $1"
+    local app0 app1 fetched1 c0 c1
+    wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s before run $1"
     read -r app0 _ _ _ _ < <(status A B)
+    c0=$(cpu_ticks)
     run_fio "$1" "$W/job.fio" $((IOPS_S + 120))
+    c1=$(cpu_ticks)
+    read -r R_CPU_A R_CPU_B R_CPU_USER R_CPU_SYS R_CPU_SOFTIRQ R_CPU_IDLE < <(cpu_share "$c0" "$c1")
     read -r app1 fetched1 _ R_LAG _ < <(status A B)
     read -r _ _ R_MIB R_IOPS R_P99 < <($HELP fio "$W/fio/$1.json")
     R_UNFETCHED=$((app1 - fetched1))
     R_LOG_MIB=$(awk -v b="$((app1 - app0))" -v s="$IOPS_S" 'BEGIN { printf "%.1f", b / 1048576 / s }')
     say "  $2 $R_IOPS IOPS ($R_MIB MiB/s, p99 $R_P99 µs); log $R_LOG_MIB MiB/s," \
         "B $(mib "$R_UNFETCHED") MiB unfetched, $(mib "$R_LAG") MiB unapplied at the end"
+    say "               CPUs busy (of $(nproc)): marsd A $R_CPU_A, marsd B $R_CPU_B;" \
+        "machine: user $R_CPU_USER, system $R_CPU_SYS, irq+softirq $R_CPU_SOFTIRQ, idle $R_CPU_IDLE"
+    printf '%s %s %s %s %s %s %s\n' "$1" "$R_CPU_A" "$R_CPU_B" "$R_CPU_USER" "$R_CPU_SYS" \
+        "$R_CPU_SOFTIRQ" "$R_CPU_IDLE" >>"$W/cpu.txt"
 }
 # Unthrottled before and after the throttled run, so that a drift (page
 # cache, log files, other tenants) shows instead of passing for an effect.
@@ -377,7 +419,7 @@ iops_run iops-fast1 "unthrottled:"
 FAST1_IOPS=$R_IOPS FAST1_MIB=$R_MIB FAST1_P99=$R_P99 FAST_LOG_MIB=$R_LOG_MIB
 FAST_UNFETCHED=$R_UNFETCHED FAST_LAG_AFTER=$R_LAG
 for n in "$NS_A" "$NS_B"; do
-    bounded tc -n "$n" qdisc add dev eth0 root tbf rate "${TBF_BITS}bit" burst 64k latency 50ms
+    bounded tc -n "$n" qdisc add dev eth0 root tbf rate "${TBF_BITS}bit" burst "$TBF_BURST" latency 50ms
 done
 iops_run iops-slow "throttled:  "
 SLOW_IOPS=$R_IOPS SLOW_MIB=$R_MIB SLOW_P99=$R_P99 SLOW_LOG_MIB=$R_LOG_MIB
@@ -385,11 +427,24 @@ SLOW_UNFETCHED=$R_UNFETCHED SLOW_LAG_AFTER=$R_LAG
 for n in "$NS_A" "$NS_B"; do bounded tc -n "$n" qdisc del dev eth0 root; done
 iops_run iops-fast2 "unthrottled:"
 FAST2_IOPS=$R_IOPS
+# The same with B's fetching paused: nothing is shipped or applied, so this
+# is the primary alone on this machine (B's work shares its CPUs and disk).
+wait_b >/dev/null || die "B (or A's own writeback, which wait also counts) did not catch up within $WAIT_S s before the paused run"
+adm B pause-fetch "$RES" >/dev/null
+iops_run iops-paused "B paused:   "
+PAUSED_IOPS=$R_IOPS PAUSED_P99=$R_P99
+adm B resume-fetch "$RES" >/dev/null
 FAST_IOPS=$(( (FAST1_IOPS + FAST2_IOPS) / 2 ))
 FAST_MIB=$FAST1_MIB FAST_P99=$FAST1_P99
 if awk -v l="$SLOW_LOG_MIB" -v t="$TBF_BITS" 'BEGIN { exit !(l * 1048576 * 8 < t * 0.8) }'; then
     say "  note: the log grew slower than the throttled link carries, so the throttle hardly bound;"
     say "        --throttle-mbit N with N below $(awk -v l="$FAST_LOG_MIB" 'BEGIN { printf "%d", l * 8.39 }') (the unthrottled log rate) makes it bind"
+fi
+
+if [ "$SLOW_ONLY" = 1 ]; then
+    say ""
+    say "--slow-link-only: no report"
+    exit 0
 fi
 
 # ---- report
@@ -406,7 +461,7 @@ json.dump({
         "volume_bytes": $VOL_MIB << 20, "shipped_bytes": $SHIP_MIB << 20,
         "lag_seconds": $LAG_S, "lag_sample_seconds": $SAMPLE_S, "iops_seconds": $IOPS_S,
         "iperf_seconds": $IPERF_S, "throttle_percent": $([ -n "$THROTTLE_MBIT" ] && echo None || echo "$THROTTLE_PCT"),
-        "throttle_mbit_option": ${THROTTLE_MBIT:-None},
+        "throttle_mbit_option": ${THROTTLE_MBIT:-None}, "tbf_burst": "$TBF_BURST",
         "disk_ceiling_sync_bytes": $SYNC_MIB << 20,
     },
     "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
@@ -430,6 +485,9 @@ $HELP report "$W/meta.json" "$OUT" \
     lag_rate_mib_s="$LAG_RATE" lag_write_mib_s="$LAG_WRITE_MIB" lag_s="$LAG_S" lag_samples="$LAG_N" \
     lag_zero="$LAG_ZERO" lag_b50="$LAG_B50" lag_b99="$LAG_B99" lag_bmax="$LAG_BMAX" \
     lag_s50="$LAG_S50" lag_s99="$LAG_S99" lag_smax="$LAG_SMAX" lag_drain_seconds="$LAG_DRAIN" \
+    apply_b50="$APPLY_B50" apply_b99="$APPLY_B99" apply_bmax="$APPLY_BMAX" \
+    apply_s50="$APPLY_S50" apply_s99="$APPLY_S99" apply_smax="$APPLY_SMAX" \
+    iops_paused="$PAUSED_IOPS" iops_paused_p99="$PAUSED_P99" cpu_file="$W/cpu.txt" \
     tbf_bits_s="$TBF_BITS" iops_fast="$FAST_IOPS" iops_slow="$SLOW_IOPS" \
     iops_fast1="$FAST1_IOPS" iops_fast2="$FAST2_IOPS" iops_fast_mib_s="$FAST_MIB" iops_slow_mib_s="$SLOW_MIB" \
     iops_fast_p99="$FAST_P99" iops_slow_p99="$SLOW_P99" slow_lag_after="$SLOW_LAG_AFTER" \

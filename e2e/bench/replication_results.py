@@ -10,13 +10,20 @@ sampler, fio's and iperf3's JSON, and the final table and results JSON.
         runs CMD (e.g. marsadm resume-fetch), then polls every 0.05 s until
         applied reaches TARGET; prints "seconds applied_at_start
         applied_at_end"; exit 1 on timeout
-    replication_results.py sample MARSADM ROOT RES NODE INTERVAL OUT.jsonl
+    replication_results.py sample MARSADM ROOT RES NODE INTERVAL OUT.jsonl [NODE_ROOT]
         appends {t, appended, fetched, applied, lag_bytes, lag_seconds}
-        every INTERVAL s until SIGTERM
+        every INTERVAL s until SIGTERM (NODE's entry as ROOT's node sees it,
+        by gossip); with NODE_ROOT also NODE's own view of itself, right
+        after: {t_own, own_fetched, own_applied} (no gossip delay)
     replication_results.py fio FIO.json         bytes seconds mib_s iops p99_us
     replication_results.py streams FIO.json     per-stream bytes / slowest job
     replication_results.py iperf IPERF.json     bits per second (received)
-    replication_results.py lagstats OUT.jsonl   percentiles of the samples
+    replication_results.py lagstats OUT.jsonl   percentiles of the samples:
+        the gossip view (lag_bytes, lag_seconds as ROOT's node reports
+        them), and, when sampled with NODE_ROOT, the apply lag itself:
+        bytes = appended on ROOT - applied on NODE (NODE's own view), and
+        seconds = how long before NODE had applied position X the primary
+        had appended X (appended interpolated between samples)
     replication_results.py report META.json OUT.json KEY=VALUE...
 
 Nothing here judges the figures: replication.sh is a benchmark, not a test.
@@ -76,7 +83,7 @@ def cmd_catchup(marsadm, root, res, node, target, timeout, *cmd):
         time.sleep(0.05)
 
 
-def cmd_sample(marsadm, root, res, node, interval, out):
+def cmd_sample(marsadm, root, res, node, interval, out, node_root=None):
     interval = float(interval)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with open(out, "a") as f:
@@ -84,15 +91,22 @@ def cmd_sample(marsadm, root, res, node, interval, out):
         n = 0
         while True:
             try:
+                t = time.monotonic() - t0
                 r = view(marsadm, root, res)
                 x = replica(r, node)
-                f.write(json.dumps({
-                    "t": round(time.monotonic() - t0, 3),
+                row = {
+                    "t": round(t, 3),
                     "appended": r["log"]["appended"],
                     "fetched": x["fetched"], "applied": x["applied"],
                     "lag_bytes": x.get("lag_bytes", 0),
                     "lag_seconds": x.get("lag_seconds", 0.0),
-                }) + "\n")
+                }
+                if node_root:
+                    t_own = time.monotonic() - t0
+                    own = view(marsadm, node_root, res)["log"]
+                    row.update(t_own=round(t_own, 3), own_fetched=own["fetched"],
+                               own_applied=own["applied"])
+                f.write(json.dumps(row) + "\n")
                 f.flush()
             except (subprocess.SubprocessError, ValueError, KeyError, SystemExit):
                 pass
@@ -134,13 +148,58 @@ def pct(vals, p):
     return v[i]
 
 
+def appended_at(rows, pos):
+    """When the primary's log first reached pos: linear interpolation
+    between the samples around it (None if never)."""
+    prev = None
+    for r in rows:
+        if r["appended"] >= pos:
+            if prev is None or r["appended"] == prev["appended"]:
+                return r["t"]
+            f = (pos - prev["appended"]) / (r["appended"] - prev["appended"])
+            return prev["t"] + f * (r["t"] - prev["t"])
+        prev = r
+    return None
+
+
 def cmd_lagstats(path):
+    """Prints: n, gossip-view bytes p50 p99 max, seconds p50 p99 max, zero
+    samples, then the apply lag (own view): bytes p50 p99 max, seconds p50
+    p99 max (all 0 when the samples have no own view)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
     lb = [r["lag_bytes"] for r in rows]
     ls = [r["lag_seconds"] for r in rows]
+    own = [r for r in rows if "own_applied" in r]
+    ob = [max(0, r["appended"] - r["own_applied"]) for r in own]
+    os_ = []
+    for r in own:
+        if r["own_applied"] >= r["appended"]:
+            os_.append(0.0)
+            continue
+        # The first byte not yet applied: since when has the primary had it?
+        t = appended_at(rows, r["own_applied"] + 1)
+        if t is not None:
+            os_.append(max(0.0, r["t_own"] - t))
     print(len(rows), pct(lb, 50) or 0, pct(lb, 99) or 0, max(lb or [0]),
           f"{pct(ls, 50) or 0:.3f}", f"{pct(ls, 99) or 0:.3f}", f"{max(ls or [0]):.3f}",
-          sum(1 for x in lb if x == 0))
+          sum(1 for x in lb if x == 0),
+          pct(ob, 50) or 0, pct(ob, 99) or 0, max(ob or [0]),
+          f"{pct(os_, 50) or 0:.3f}", f"{pct(os_, 99) or 0:.3f}", f"{max(os_ or [0]):.3f}")
+
+
+def cpu_runs(path):
+    """iops_run's CPU lines: run -> {marsd_a, marsd_b, user, system,
+    irq_softirq, idle}."""
+    keys = ("marsd_a", "marsd_b", "user", "system", "irq_softirq", "idle")
+    runs = {}
+    try:
+        for line in open(path):
+            f = line.split()
+            if len(f) == 7:
+                runs[f[0]] = dict(zip(keys, map(float, f[1:])))
+    except (OSError, TypeError, ValueError):
+        pass
+    return runs
 
 
 def cmd_report(meta_path, out_path, pairs):
@@ -188,11 +247,18 @@ def cmd_report(meta_path, out_path, pairs):
             "lag_seconds_p50": g("lag_s50"), "lag_seconds_p99": g("lag_s99"),
             "lag_seconds_max": g("lag_smax"),
             "drain_seconds_after": g("lag_drain_seconds"),
+            "apply_lag_bytes_p50": g("apply_b50"), "apply_lag_bytes_p99": g("apply_b99"),
+            "apply_lag_bytes_max": g("apply_bmax"),
+            "apply_lag_seconds_p50": g("apply_s50"), "apply_lag_seconds_p99": g("apply_s99"),
+            "apply_lag_seconds_max": g("apply_smax"),
         },
         "slow_link": {
             "throttle_bits_s": g("tbf_bits_s"),
             "iops_unthrottled": g("iops_fast"), "iops_throttled": g("iops_slow"),
             "iops_unthrottled_before": g("iops_fast1"), "iops_unthrottled_after": g("iops_fast2"),
+            "iops_secondary_paused": g("iops_paused"), "p99_us_secondary_paused": g("iops_paused_p99"),
+            # CPUs busy (CPU-seconds per second) during each run.
+            "cpu": cpu_runs(g("cpu_file")),
             "mib_s_unthrottled": g("iops_fast_mib_s"), "mib_s_throttled": g("iops_slow_mib_s"),
             "p99_us_unthrottled": g("iops_fast_p99"), "p99_us_throttled": g("iops_slow_p99"),
             "log_mib_s_unthrottled": g("fast_log_mib_s"), "log_mib_s_throttled": g("slow_log_mib_s"),
@@ -210,6 +276,8 @@ def cmd_report(meta_path, out_path, pairs):
             g("catchup_mib_s"), min(x for x in (net_mib, g("disk2_mib_s")) if x)
             if (net_mib or g("disk2_mib_s")) else None),
         "iops_throttled_vs_unthrottled": ratio(g("iops_slow"), g("iops_fast")),
+        "iops_unthrottled_vs_paused": ratio(g("iops_fast"), g("iops_paused")),
+        "iops_throttled_vs_paused": ratio(g("iops_slow"), g("iops_paused")),
     }
     doc = {"meta": meta, "results": results, "ratios": ratios}
     with open(out_path, "w") as f:
@@ -240,7 +308,11 @@ def cmd_report(meta_path, out_path, pairs):
          f"p50 {fmt(g('lag_b50'))} B", f"p99 {fmt(g('lag_b99'))} B, max {fmt(g('lag_bmax'))} B"),
         ("lag", "lag_seconds", f"p50 {fmt(g('lag_s50'), ' s')}",
          f"p99 {fmt(g('lag_s99'), ' s')}, max {fmt(g('lag_smax'), ' s')}; "
-         f"{g('lag_samples')} samples, {g('lag_zero')} at 0; achieved {fmt(g('lag_write_mib_s'))} MiB/s"),
+         f"{g('lag_samples')} samples, {g('lag_zero')} at 0; achieved {fmt(g('lag_write_mib_s'))} MiB/s (as A reports it, by gossip)"),
+        ("lag", "apply lag bytes (B's own)", f"p50 {fmt(g('apply_b50'))} B",
+         f"p99 {fmt(g('apply_b99'))} B, max {fmt(g('apply_bmax'))} B (A's appended - B's applied)"),
+        ("lag", "apply lag seconds", f"p50 {fmt(g('apply_s50'), ' s')}",
+         f"p99 {fmt(g('apply_s99'), ' s')}, max {fmt(g('apply_smax'), ' s')} (since A had appended what B applies next)"),
         ("slow link", "rand-4K-QD32 unthrottled", fmt(g("iops_fast"), " IOPS"),
          f"mean of before {fmt(g('iops_fast1'))} and after {fmt(g('iops_fast2'))}; first run: p99 {fmt(g('iops_fast_p99'))} µs, log {fmt(g('fast_log_mib_s'))} MiB/s; at the end B has "
          f"{fmt(g('fast_unfetched_after'))} B unfetched, {fmt(g('fast_lag_after'))} B unapplied"),
@@ -248,6 +320,8 @@ def cmd_report(meta_path, out_path, pairs):
          fmt(g("iops_slow"), " IOPS"),
          f"p99 {fmt(g('iops_slow_p99'))} µs, log {fmt(g('slow_log_mib_s'))} MiB/s; at the end B has "
          f"{fmt(g('slow_unfetched_after'))} B unfetched, {fmt(g('slow_lag_after'))} B unapplied"),
+        ("slow link", "B's fetching paused", fmt(g("iops_paused"), " IOPS"),
+         f"p99 {fmt(g('iops_paused_p99'))} µs (the primary alone; B catches up afterwards)"),
     ]
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
@@ -261,6 +335,8 @@ def cmd_report(meta_path, out_path, pairs):
         "catchup_vs_disk": "catch-up / disk (4 streams)",
         "catchup_vs_two_stream_ceiling": "catch-up / min(network, disk 2 streams)",
         "iops_throttled_vs_unthrottled": "writer IOPS, slow link / fast link (mean) (goal ≥ 0.9)",
+        "iops_unthrottled_vs_paused": "writer IOPS, fast link / B paused",
+        "iops_throttled_vs_paused": "writer IOPS, slow link / B paused",
     }
     for k, text in goals.items():
         print(f"  {text:<50} {fmt(ratios[k])}")

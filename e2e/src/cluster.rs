@@ -289,6 +289,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// Cuts the path between `x` and `y` only (both keep their links to
+    /// everyone else): each gets a blackhole route to the other's address,
+    /// so what one sends to the other is dropped (new connections fail at
+    /// once, open ones go silent). Needs no nftables.
+    pub fn cut_between(&self, x: &str, y: &str) -> Result<()> {
+        for (from, to) in [(x, y), (y, x)] {
+            let to = format!("{}/32", self.host(to).addr());
+            self.host(from)
+                .netns()
+                .ip(&["route", "replace", "blackhole", &to])?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Cluster::cut_between`].
+    pub fn restore_between(&self, x: &str, y: &str) -> Result<()> {
+        for (from, to) in [(x, y), (y, x)] {
+            let to = format!("{}/32", self.host(to).addr());
+            self.host(from)
+                .netns()
+                .ip(&["route", "del", "blackhole", &to])?;
+        }
+        Ok(())
+    }
+
     /// Whether nftables is available ([`Cluster::loss`] and the drops need it).
     pub fn has_nft(&self) -> bool {
         self.nft

@@ -375,3 +375,103 @@ fn secondary_is_always_a_prefix() {
         Ok(())
     });
 }
+
+/// A secondary that cannot reach the primary, while another replica can
+/// reach both, keeps following through that replica: with A↔C cut (and
+/// nothing else), C fetches A's log from B and, before the cut is undone,
+/// its backing file equals A's device. After the restore C switches back
+/// to A and stays identical.
+#[test]
+fn a_secondary_cut_off_from_the_primary_fetches_from_another_replica() {
+    let Some(mut c) = start_or_skip(&["a", "b", "c"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        const SIZE: u64 = 32 << 20;
+        let seed = seed();
+        eprintln!("seed {seed}");
+        set_up(c, "a", &["b", "c"], "32M")?;
+        wait_ok(c, "a", 60)?;
+
+        c.cut_between("a", "c")?;
+        wait_for(
+            "c to see a unreachable",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || Ok((c.host("c").replica(R, "a")?["connected"] == false).then_some(())),
+        )?;
+        let before = u64_at(&c.host("c").resource(R)?["log"], "applied");
+        let mut w = RandomWriter::start(
+            c.host("a").nbd(R)?,
+            vec![0; SIZE as usize],
+            RandomOpts {
+                seed,
+                ..Default::default()
+            },
+        );
+        w.keep_writing(Duration::from_secs(4))?;
+        let writes = w.writes();
+        let (nbd, model) = w.stop()?;
+        nbd.disconnect()?;
+        let end = u64_at(&c.host("a").resource(R)?["log"], "appended");
+        eprintln!("{writes} writes on a; its log ends at {end}, c had applied {before}");
+        ensure!(end > before, "the writes did not grow a's log");
+
+        // C gets all of it while A is still unreachable from C.
+        let took = wait_for(
+            "c to apply a's whole log without reaching a",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                let applied = u64_at(&c.host("c").resource(R)?["log"], "applied");
+                Ok((applied >= end).then_some(()))
+            },
+        );
+        let a_seen = c.host("c").replica(R, "a")?["connected"].clone();
+        ensure!(
+            a_seen == false,
+            "a counts as connected on c during the cut: {a_seen}"
+        );
+        took?;
+        let from_b = c.log_lines("fetching from another replica");
+        ensure!(
+            from_b
+                .iter()
+                .any(|l| l.starts_with("c: ") && l.contains("from=b")),
+            "c never said it fetches from b; marsd logged:\n{}",
+            from_b.join("\n")
+        );
+        let dev = device(c, "a", SIZE)?;
+        same("a's device (NBD) against the writes", &model, &dev)?;
+        same(
+            "c's backing file (fetched through b) against a's device",
+            &dev,
+            &backing(c, "c", SIZE)?,
+        )?;
+
+        // Back to normal: C follows A again.
+        c.restore_between("a", "c")?;
+        let mut w = RandomWriter::start(
+            c.host("a").nbd(R)?,
+            model,
+            RandomOpts {
+                seed: seed + 1,
+                ..Default::default()
+            },
+        );
+        w.keep_writing(Duration::from_secs(2))?;
+        let (nbd, model) = w.stop()?;
+        nbd.disconnect()?;
+        wait_ok(c, "a", 60)?;
+        let dev = device(c, "a", SIZE)?;
+        same("a's device after the restore", &model, &dev)?;
+        for h in ["b", "c"] {
+            same(
+                &format!("{h}'s backing file after the restore"),
+                &dev,
+                &backing(c, h, SIZE)?,
+            )?;
+        }
+        Ok(())
+    });
+}
