@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use crate::frontend::ublk::{self, DEVICE_FILE, Device, Persisted};
+use crate::frontend::{BlockIo, IoError};
 use crate::node::Node;
 use crate::resource::{self, Error, resource_dir};
 
@@ -205,7 +208,12 @@ impl Node {
                 }
                 (true, Some(_)) => self.device_up(&name).map(Some),
                 (true, None) if self.device_cfg.auto => self.device_up(&name).map(Some),
-                (false, Some(_)) => self.device_down(&name).map(|_| None),
+                (false, Some(p)) => match self.device_down(&name) {
+                    Err(Error::Device(ublk::Error::InUse { .. })) if ublk::recoverable(p.id) => {
+                        self.serve_errors(&name, p.id).map(Some)
+                    }
+                    other => other.map(|_| None),
+                },
                 _ => Ok(None),
             };
             match outcome {
@@ -246,6 +254,29 @@ impl Node {
         }
     }
 
+    /// A device left by a crashed primary that is no longer primary here
+    /// (a failover happened meanwhile) but is still mounted: it is resumed
+    /// with every request failing, so that its holder gets errors instead of
+    /// hanging forever and can unmount it; `down` then removes it.
+    fn serve_errors(&self, name: &str, id: u32) -> resource::Result<String> {
+        let res = self.resource(name)?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| Error::Cluster(format!("no runtime for the ublk device: {e}")))?;
+        let dead = Arc::new(Deposed {
+            name: name.into(),
+            size: res.meta().size,
+        });
+        let dev = Device::start(name, dead, rt, self.device_cfg.options, Some(id))?;
+        tracing::warn!(resource = name, device = %dev.path(), "this node is no longer primary: its device, still in use, fails every request until it is released (`marsadm down`)");
+        let path = dev.path().to_string();
+        self.devices
+            .live
+            .lock()
+            .expect("devices lock")
+            .insert(name.into(), dev);
+        Ok(path)
+    }
+
     /// Grows the live device after a resize, where the kernel can.
     pub(crate) fn resize_device(&self, name: &str, size: u64) -> String {
         let live = self.devices.live.lock().expect("devices lock");
@@ -273,5 +304,30 @@ impl Node {
                 let _ = self.storage.remove_file(&self.device_file(&name));
             }
         }
+    }
+}
+
+/// The volume behind a device whose node is no longer primary: every
+/// request fails as "not primary".
+struct Deposed {
+    name: String,
+    size: u64,
+}
+
+impl BlockIo for Deposed {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    async fn read(&self, _: u64, _: u32) -> Result<Bytes, IoError> {
+        Err(IoError::NotPrimary(self.name.clone()))
+    }
+    async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), IoError> {
+        Err(IoError::NotPrimary(self.name.clone()))
+    }
+    async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), IoError> {
+        Err(IoError::NotPrimary(self.name.clone()))
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        Err(IoError::NotPrimary(self.name.clone()))
     }
 }

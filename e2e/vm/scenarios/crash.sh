@@ -1,6 +1,8 @@
 # kill -9 of the primary's marsd under file-system load, forced failover on
 # B: B's device holds a file system that mounts (journal replay) and that
-# e2fsck then finds clean.
+# e2fsck then finds clean. A, restarted, reports split brain; its old device
+# (still mounted, its I/O held by the kernel) now fails every request, so it
+# can be unmounted and removed.
 host A 1 --ublk
 host B 2 --ublk
 adm B join-cluster "$(addr A)"
@@ -22,10 +24,7 @@ sleep 1
 out=$(adm B primary vol 2>&1) && fail "a normal primary succeeded with A unreachable"
 out=$(adm B primary vol --force) || fail "primary --force on B: $out"
 note "$out"
-step "stopping the writer"
 kill -9 $load 2>/dev/null || true
-step "detaching A's mount"
-umount -l /tmp/s/mnt 2>/dev/null || true
 devB=$(json B vol device); wait_dev "$devB"
 mkdir -p /tmp/s/mntB
 step "mounting $devB"
@@ -35,3 +34,19 @@ ls /tmp/s/mntB | grep -q w || fail "none of the files written before the crash i
 note "B has $(ls /tmp/s/mntB | grep -c w) of the files"
 umount /tmp/s/mntB
 e2fsck -fn "$devB" >/tmp/s/fsck.log 2>&1 || { cat /tmp/s/fsck.log; fail "e2fsck on B after the failover"; }
+step "restarting A"
+start_marsd A
+i=0
+while [ "$(json A vol split_brain)" != true ]; do
+  i=$((i + 1)); [ $i -lt 300 ] || fail "A does not report split brain: $(adm A view vol --json)"
+  sleep 0.1
+done
+[ "$(json A vol role)" = secondary ] || fail "A is still primary after the failover"
+step "unmounting A's file system (its I/O fails now)"
+umount /tmp/s/mnt 2>/dev/null || umount -l /tmp/s/mnt || fail "A's file system cannot be unmounted"
+i=0
+until adm A down vol >/dev/null 2>&1; do
+  i=$((i + 1)); [ $i -lt 100 ] || fail "A's old device cannot be removed: $(adm A down vol 2>&1)"
+  sleep 0.2
+done
+[ ! -b "$devA" ] || { sleep 1; [ ! -b "$devA" ] || fail "$devA still there after down"; }
