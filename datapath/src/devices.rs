@@ -146,7 +146,7 @@ impl Node {
     /// while it is mounted or open. Blocking.
     pub fn device_down(&self, name: &str) -> resource::Result<Option<String>> {
         let mut live = self.devices.live.lock().expect("devices lock");
-        let Some(dev) = live.remove(name) else {
+        let Some(dev) = live.get_mut(name) else {
             // A device a previous marsd left behind (not recovered) goes too.
             if let Some(p) = self.persisted_device(name) {
                 ublk::remove_stale(name, p.id)?;
@@ -155,16 +155,10 @@ impl Node {
             return Ok(None);
         };
         let path = dev.path().to_string();
-        match dev.stop() {
-            Ok(()) => {
-                let _ = self.storage.remove_file(&self.device_file(name));
-                Ok(Some(path))
-            }
-            Err((dev, e)) => {
-                live.insert(name.into(), dev);
-                Err(e.into())
-            }
-        }
+        dev.stop()?;
+        live.remove(name);
+        let _ = self.storage.remove_file(&self.device_file(name));
+        Ok(Some(path))
     }
 
     /// Before the volume stops being primary here (secondary, handover,

@@ -193,7 +193,7 @@ impl Device {
         let features = features()?;
         let lbs = opts.logical_block_size;
         let size = io.size();
-        if !(lbs == 512 || lbs == 4096) || size % lbs as u64 != 0 {
+        if !(lbs == 512 || lbs == 4096) || !size.is_multiple_of(lbs as u64) {
             return Err(Error::BlockSize {
                 resource: resource.into(),
                 block_size: lbs,
@@ -295,14 +295,14 @@ impl Device {
         Ok(())
     }
 
-    /// Removes the device; refused while it is mounted or open.
-    pub fn stop(mut self) -> Result<(), (Device, Error)> {
+    /// Removes the device; refused while it is mounted or open (then
+    /// nothing changes).
+    pub fn stop(&mut self) -> Result<()> {
         if self.busy() {
-            let e = Error::InUse {
+            return Err(Error::InUse {
                 resource: self.resource.clone(),
                 path: self.path.clone(),
-            };
-            return Err((self, e));
+            });
         }
         self.kill();
         tracing::info!(resource = %self.resource, device = %self.path, "ublk device removed");
@@ -483,10 +483,10 @@ fn serve_queue<B: BlockIo>(
     smol::block_on(exe.run(async {
         let run_ops = || while exe2.try_tick() {};
         let done = || tags.iter().all(|t| t.is_finished());
-        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
-            if !matches!(e, UblkError::QueueIsDown) {
-                tracing::error!(qid, error = %e, "ublk queue stopped");
-            }
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await
+            && !matches!(e, UblkError::QueueIsDown)
+        {
+            tracing::error!(qid, error = %e, "ublk queue stopped");
         }
     }));
 }
