@@ -319,19 +319,22 @@ wait_nodes_ready() {  # wait_nodes_ready SECONDS NODE...
 
 # ---------------------------------------------------------------- teardown
 cluster_down() {
-  local f pid n
+  local f pid n alive
   for f in "$RUN"/nodes/*/qemu.pid "$RUN"/pids/*.pid; do
-    [ -f "$f" ] || continue
-    pid=$(cat "$f"); kill -TERM "$pid" 2>/dev/null
+    [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null || true
   done
   for n in $(seq 1 50); do
-    local alive=0
-    for f in "$RUN"/nodes/*/qemu.pid "$RUN"/pids/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1; done
+    alive=0
+    for f in "$RUN"/nodes/*/qemu.pid "$RUN"/pids/*.pid; do
+      if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then alive=1; fi
+    done
     [ $alive = 0 ] && break; sleep 0.2
   done
-  for f in "$RUN"/nodes/*/qemu.pid "$RUN"/pids/*.pid; do [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null; done
+  for f in "$RUN"/nodes/*/qemu.pid "$RUN"/pids/*.pid; do
+    [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null || true
+  done
   if ip netns list | grep -qw "^$NS"; then
-    for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+    for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
     sleep 0.3
     ip netns delete "$NS" || die "ip netns delete $NS"
   fi
