@@ -31,6 +31,9 @@ import (
 )
 
 func main() {
+	if filepath.Base(os.Args[0]) == "pause" { // the entrypoint of the pause image
+		pause()
+	}
 	if len(os.Args) < 2 {
 		usage()
 	}
