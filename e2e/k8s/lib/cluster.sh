@@ -32,10 +32,9 @@ pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 # ---------------------------------------------------------------- prerequisites
 check_prereqs() {
   [ "$(id -u)" = 0 ] || die "must run as root (network namespace, tap devices)"
-  command -v go >/dev/null || die "go not found on PATH (Go >= 1.26 is required to build Kubernetes)"
   [ -c /dev/net/tun ] || die "/dev/net/tun is missing (needed for the node VMs' tap devices)"
-  command -v ip >/dev/null || die "ip (iproute2) not found"
   mkdir -p "$KC"
+  need_host_pkgs iproute2 openssl e2fsprogs busybox-static cpio xz-utils
   local free; free=$(df -Pk "$KC" | awk 'NR==2{print int($4/1024/1024)}')
   [ "$free" -ge 8 ] || die "only ${free} GiB free under $KC (need >= 8 GiB)"
   if ! pid_alive "$RUN/pids/relay-host.pid" && ss -Hltn "sport = :$API_PORT" 2>/dev/null | grep -q .; then
@@ -48,6 +47,7 @@ build_tools() {
   local src=$K8S_DIR/go/tools want out=$KC/bin/k8s-tools
   want=$(cat "$src/go.mod" "$src/main.go" | sha256sum | cut -c1-16)
   [ -x "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$want" ] && return 0
+  command -v go >/dev/null || die "go not found on PATH (Go >= 1.26 is required)"
   mkdir -p "$KC/bin"
   (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$out.tmp" .) || die "building k8s-tools failed"
   mv "$out.tmp" "$out"; echo "$want" >"$out.stamp"
