@@ -427,22 +427,8 @@ impl Node {
             .await
             .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??
         };
-        let (node, start_pos) = (
-            self.cfg.node.clone(),
-            res.counters().appended.load(Ordering::Acquire),
-        );
-        self.announce(|m| {
-            m.set_primary(
-                name,
-                Some(PrimaryInfo {
-                    node,
-                    generation,
-                    start_pos,
-                }),
-            )
-        })
-        .await;
-        let note = self.auto_device_async(name).await;
+        let start_pos = res.counters().appended.load(Ordering::Acquire);
+        let note = self.became_primary(name, generation, start_pos).await;
         Ok(format!(
             "{name} is primary on {} (generation {generation}){note}",
             self.cfg.node
@@ -559,20 +545,8 @@ impl Node {
             .await
             .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??
         };
-        let node = self.cfg.node.clone();
-        self.announce(|m| {
-            m.set_primary(
-                &name,
-                Some(PrimaryInfo {
-                    node,
-                    generation,
-                    start_pos: end_pos,
-                }),
-            )
-        })
-        .await;
+        let note = self.became_primary(&name, generation, end_pos).await;
         tracing::info!(resource = %name, from = old, generation, "handover complete: primary here");
-        let note = self.auto_device_async(&name).await;
         Ok(format!(
             "{name} is primary on {} (generation {generation}), handed over from {old}{note}",
             self.cfg.node
@@ -605,11 +579,31 @@ impl Node {
 }
 
 impl Node {
-    /// [`Node::auto_device`] off the async threads.
-    async fn auto_device_async(self: &Arc<Self>, name: &str) -> String {
-        let node = Arc::clone(self);
+    /// After any promotion here (`primary`, handover, `--force`): tells the
+    /// cluster this node is primary of `name` from `start_pos` in
+    /// `generation`, then brings the ublk device up if `--ublk` wants it.
+    /// Returns the device note for the command's reply.
+    async fn became_primary(
+        self: &Arc<Self>,
+        name: &str,
+        generation: u64,
+        start_pos: u64,
+    ) -> String {
+        let node = self.cfg.node.clone();
+        self.announce(|m| {
+            m.set_primary(
+                name,
+                Some(PrimaryInfo {
+                    node,
+                    generation,
+                    start_pos,
+                }),
+            )
+        })
+        .await;
+        let me = Arc::clone(self);
         let n2 = name.to_string();
-        tokio::task::spawn_blocking(move || node.auto_device(&n2))
+        tokio::task::spawn_blocking(move || me.auto_device(&n2))
             .await
             .unwrap_or_default()
     }
@@ -774,25 +768,13 @@ impl Node {
         })
         .await
         .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??;
-        let node = self.cfg.node.clone();
-        self.announce(|m| {
-            m.set_primary(
-                name,
-                Some(PrimaryInfo {
-                    node,
-                    generation,
-                    start_pos: end,
-                }),
-            )
-        })
-        .await;
+        let note = self.became_primary(name, generation, end).await;
         tracing::warn!(
             resource = name,
             generation,
             pos = end,
             "FORCED primary: a new history starts here"
         );
-        let note = self.auto_device_async(name).await;
         Ok(format!(
             "{name} is primary on {} by force (generation {generation}, from log position {end}){note}",
             self.cfg.node

@@ -88,13 +88,23 @@ impl Node {
                 "the cluster knows no primary of {name}: nothing to attach to"
             )));
         }
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| Error::Cluster(format!("no runtime for the remote device: {e}")))?;
-        let vol = rt.block_on(crate::frontend::remote::RemoteVolume::attach(
+        let vol = runtime()?.block_on(crate::frontend::remote::RemoteVolume::attach(
             Arc::clone(&self.cluster),
             name,
         ))?;
-        let dev = Device::start(name, Arc::new(vol), rt, self.device_cfg.options, recover)?;
+        self.install(&mut live, name, Arc::new(vol), recover)
+    }
+
+    /// Starts (or recovers) the device of `name` over `io`, remembers its id
+    /// and adds it to the live devices. Returns its path.
+    fn install<B: BlockIo>(
+        &self,
+        live: &mut BTreeMap<String, Device>,
+        name: &str,
+        io: Arc<B>,
+        recover: Option<u32>,
+    ) -> resource::Result<String> {
+        let dev = Device::start(name, io, runtime()?, self.device_cfg.options, recover)?;
         self.persist_device(name, dev.id())?;
         let path = dev.path().to_string();
         live.insert(name.into(), dev);
@@ -133,13 +143,7 @@ impl Node {
             resource: name.into(),
             hint: ": `up` works on the primary",
         })?;
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| Error::Cluster(format!("no runtime for the ublk device: {e}")))?;
-        let dev = Device::start(name, Arc::new(handle), rt, self.device_cfg.options, recover)?;
-        self.persist_device(name, dev.id())?;
-        let path = dev.path().to_string();
-        live.insert(name.into(), dev);
-        Ok(path)
+        self.install(&mut live, name, Arc::new(handle), recover)
     }
 
     /// `down NAME`: removes the volume's ublk device (idempotent); refused
@@ -254,20 +258,13 @@ impl Node {
     /// hanging forever and can unmount it; `down` then removes it.
     fn serve_errors(&self, name: &str, id: u32) -> resource::Result<String> {
         let res = self.resource(name)?;
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| Error::Cluster(format!("no runtime for the ublk device: {e}")))?;
         let dead = Arc::new(Deposed {
             name: name.into(),
             size: res.meta().size,
         });
-        let dev = Device::start(name, dead, rt, self.device_cfg.options, Some(id))?;
-        tracing::warn!(resource = name, device = %dev.path(), "this node is no longer primary: its device, still in use, fails every request until it is released (`marsadm down`)");
-        let path = dev.path().to_string();
-        self.devices
-            .live
-            .lock()
-            .expect("devices lock")
-            .insert(name.into(), dev);
+        let mut live = self.devices.live.lock().expect("devices lock");
+        let path = self.install(&mut live, name, dead, Some(id))?;
+        tracing::warn!(resource = name, device = %path, "this node is no longer primary: its device, still in use, fails every request until it is released (`marsadm down`)");
         Ok(path)
     }
 
@@ -299,6 +296,13 @@ impl Node {
             }
         }
     }
+}
+
+/// The runtime the devices' requests run on (devices are made from blocking
+/// tasks of marsd's runtime).
+fn runtime() -> resource::Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current()
+        .map_err(|e| Error::Cluster(format!("no runtime for the ublk device: {e}")))
 }
 
 /// The volume behind a device whose node is no longer primary: every
