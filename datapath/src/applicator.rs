@@ -351,7 +351,7 @@ mod tests {
             };
             let h = RecordHeader {
                 kind,
-                volume: 0,
+                unsynced: 0,
                 seq: app.next_seq(),
                 generation: 1,
                 offset,
@@ -478,7 +478,7 @@ mod tests {
         // Half of a fifth record, as a write in progress leaves it.
         let h = RecordHeader {
             kind: RecordKind::Write,
-            volume: 0,
+            unsynced: 0,
             seq: 5,
             generation: 1,
             offset: 0,

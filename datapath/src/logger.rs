@@ -634,7 +634,7 @@ fn split_write(
     let ts = now_ns();
     let header = |kind, offset, length, payload_len| RecordHeader {
         kind,
-        volume: 0,
+        unsynced: 0,
         seq: 0,
         generation: shared.cfg.generation,
         offset,
@@ -712,9 +712,13 @@ fn commit(
     let mut pos = appender.end_pos();
     let mut seq = appender.next_seq();
     let mut count = 0;
+    // Whatever lies between the durable end and a record may be torn by a
+    // power loss; the record says how far back that goes (see format.rs).
+    let durable = shared.flushed();
     for w in writes.iter_mut() {
         for (p, rec) in w.records.iter_mut() {
             rec.header.seq = seq;
+            rec.header.unsynced = pos.saturating_sub(durable).min(u32::MAX as u64) as u32;
             *p = pos;
             encode_record(&rec.header, &rec.payload, buf);
             pos += rec.header.encoded_len();

@@ -287,6 +287,7 @@ impl Resource {
             path: backing.into(),
             source,
         };
+        let existed = storage.exists(backing);
         let file = storage.open(backing, OpenMode::Create).map_err(bad)?;
         let have = file.size().map_err(bad)?;
         if have < size {
@@ -300,6 +301,13 @@ impl Resource {
             file.sync_data().map_err(bad)?;
         }
         drop(file);
+        if !existed {
+            // A new image file's name must survive a power loss too (found
+            // by the power-loss tests: recovery then had no backing file).
+            if let Some(parent) = backing.parent() {
+                storage.sync_dir(parent).map_err(bad)?;
+            }
+        }
         let io = |what| {
             move |source| Error::Io {
                 resource: name.into(),

@@ -12,10 +12,16 @@
 //!  0 magic u64 "MARSLOGR"   16 seq u64         40 length u64        60 crc32c u32 over
 //!  8 version u16            24 generation u64  48 timestamp_ns u64     header 0..60 + payload
 //! 10 kind u16               32 offset u64      56 payload_len u32
-//! 12 volume u32
+//! 12 unsynced u32
 //! ```
 //! `length` is the extent on the device (for a write it equals `payload_len`;
 //! zero records carry no payload; a resize record has `offset` = new size).
+//! `unsynced` is how many bytes of log before the record were not yet known
+//! to be durable when it was written (capped at `u32::MAX`; logs written
+//! before the field existed hold 0, the strongest claim). Recovery uses it
+//! to tell a power loss, which can only tear the unsynced stretch (in any
+//! order: a later record may survive an earlier torn one), from damage to
+//! bytes a sync had covered.
 
 use bytes::Bytes;
 
@@ -53,7 +59,8 @@ impl RecordKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordHeader {
     pub kind: RecordKind,
-    pub volume: u32,
+    /// Bytes of log before this record not yet durable when it was written.
+    pub unsynced: u32,
     pub seq: u64,
     pub generation: u64,
     pub offset: u64,
@@ -184,7 +191,7 @@ pub fn encode_record(h: &RecordHeader, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(h.kind as u16).to_le_bytes());
-    out.extend_from_slice(&h.volume.to_le_bytes());
+    out.extend_from_slice(&h.unsynced.to_le_bytes());
     out.extend_from_slice(&h.seq.to_le_bytes());
     out.extend_from_slice(&h.generation.to_le_bytes());
     out.extend_from_slice(&h.offset.to_le_bytes());
@@ -221,7 +228,7 @@ pub fn decode_record_header(b: &[u8]) -> Result<RecordHeader, DecodeError> {
         .ok_or_else(|| DecodeError::Corrupt(format!("unknown record kind {kind_raw}")))?;
     let h = RecordHeader {
         kind,
-        volume: u32_at(b, 12),
+        unsynced: u32_at(b, 12),
         seq: u64_at(b, 16),
         generation: u64_at(b, 24),
         offset: u64_at(b, 32),
@@ -287,7 +294,7 @@ mod tests {
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..2048),
         )
-            .prop_map(|(k, volume, seq, generation, offset, ts, data)| {
+            .prop_map(|(k, unsynced, seq, generation, offset, ts, data)| {
                 let (kind, length, payload) = match k {
                     0 => (RecordKind::Write, data.len() as u64, data),
                     1 => (RecordKind::Zero, data.len() as u64 * 512, vec![]),
@@ -296,7 +303,7 @@ mod tests {
                 Record {
                     header: RecordHeader {
                         kind,
-                        volume,
+                        unsynced,
                         seq,
                         generation,
                         offset,

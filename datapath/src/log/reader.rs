@@ -13,10 +13,12 @@ pub enum Stop {
     /// The file ends exactly after the last valid record.
     Clean,
     /// Bytes after the last valid record do not form a record, and no valid
-    /// record follows them: a write torn by a crash (or a file still growing).
+    /// record after them shows that a sync had covered them: a write torn
+    /// by a crash (or a file still growing).
     TornTail { at: u64, what: String },
-    /// A bad record with valid records after it, or a sequence gap: the log
-    /// is damaged and must not be replayed past `at`.
+    /// A bad record that a sync had covered (a valid record after it says
+    /// so), or a sequence gap: the log is damaged and must not be replayed
+    /// past `at`.
     Corrupt { at: u64, what: String },
 }
 
@@ -140,7 +142,7 @@ impl RecordReader {
     fn stop_at(&mut self, e: DecodeError) -> std::io::Result<()> {
         let at = self.pos;
         let what = e.to_string();
-        self.stop = Some(if self.valid_record_after(at + 1)? {
+        self.stop = Some(if self.synced_past(at)? {
             Stop::Corrupt { at, what }
         } else {
             Stop::TornTail { at, what }
@@ -148,11 +150,17 @@ impl RecordReader {
         Ok(())
     }
 
-    /// True if any valid record starts after `from`: then the damage at the
-    /// current position is not a torn tail.
-    fn valid_record_after(&self, from: u64) -> std::io::Result<bool> {
+    /// True if a valid record after `at` was written when the log was
+    /// already durable past `at`: then the damage at `at` hit bytes a sync
+    /// had covered, which no power loss can tear. Without such a record
+    /// the damage lies in the stretch no sync covered yet, which a power
+    /// loss may tear in any order (later records surviving earlier ones):
+    /// a torn tail. (A record of a log older than the `unsynced` field
+    /// holds 0 there, so any valid record after damage makes it corruption,
+    /// as before.)
+    fn synced_past(&self, at: u64) -> std::io::Result<bool> {
         let magic = RECORD_MAGIC.to_le_bytes();
-        let mut off = from;
+        let mut off = at + 1;
         let mut chunk = vec![0u8; WINDOW + RECORD_HEADER_LEN];
         while off < self.file_len {
             let n = self.file.read_at(&mut chunk, off)?;
@@ -162,7 +170,9 @@ impl RecordReader {
             for i in 0..=n - 8 {
                 if chunk[i..i + 8] == magic {
                     let cand = off + i as u64;
-                    if self.record_is_valid_at(cand)? {
+                    if let Some(h) = self.valid_header_at(cand)?
+                        && cand.saturating_sub(h.unsynced as u64) > at
+                    {
                         return Ok(true);
                     }
                 }
@@ -172,19 +182,20 @@ impl RecordReader {
         Ok(false)
     }
 
-    fn record_is_valid_at(&self, at: u64) -> std::io::Result<bool> {
+    /// The header of the record at `at` if a whole valid record is there.
+    fn valid_header_at(&self, at: u64) -> std::io::Result<Option<format::RecordHeader>> {
         let mut hdr = [0u8; RECORD_HEADER_LEN];
         let n = self.file.read_at(&mut hdr, at)?;
         let Ok(h) = format::decode_record_header(&hdr[..n]) else {
-            return Ok(false);
+            return Ok(None);
         };
         let len = h.encoded_len() as usize;
         if at + len as u64 > self.file_len {
-            return Ok(false);
+            return Ok(None);
         }
         let mut rec = vec![0u8; len];
         self.file.read_exact_or_zero(&mut rec, at)?;
-        Ok(format::decode_record(&rec).is_ok())
+        Ok(format::decode_record(&rec).ok().map(|_| h))
     }
 }
 

@@ -1,9 +1,11 @@
 //! File I/O behind a small trait, so that the log, writeback and the
-//! applicator can later run over a simulated disk (crash tests that drop
-//! every write not covered by a completed sync). Only `bin/` and the
-//! daemon's wiring pick the real implementation, [`fs::RealStorage`].
+//! applicator run over a simulated disk in power-loss tests
+//! ([`sim::SimStorage`]: a crash drops every write not covered by a
+//! completed sync). Only `bin/` and the daemon's wiring pick the real
+//! implementation, [`fs::RealStorage`].
 
 pub mod fs;
+pub mod sim;
 
 use std::io;
 use std::path::{Path, PathBuf};
