@@ -390,8 +390,16 @@ impl Resource {
                 .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
         };
         let name = meta.name.clone();
-        let (store, _recovered) =
-            LogStore::open(Arc::clone(&storage), dir).map_err(|source| Error::Log {
+        // The written-back (applied) position never passes the durable end
+        // of the log: recovery must not cut the log below it.
+        let durable = Position::load(&*storage, &dir.join(POSITION_FILE))
+            .map_err(|source| Error::Apply {
+                resource: name.clone(),
+                source,
+            })?
+            .map_or(0, |p| p.pos);
+        let (store, _recovered) = LogStore::open_durable(Arc::clone(&storage), dir, durable)
+            .map_err(|source| Error::Log {
                 resource: name.clone(),
                 source,
             })?;

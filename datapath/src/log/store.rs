@@ -61,6 +61,19 @@ impl LogStore {
     /// Opens the logfiles in `dir` and recovers them: a torn tail of the last
     /// file is cut off (and logged); damage anywhere else is an error.
     pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<(Self, Option<Recovered>)> {
+        Self::open_durable(storage, dir, 0)
+    }
+
+    /// [`LogStore::open`], knowing that the log was durable up to log
+    /// position `durable` (the written-back or applied position: neither
+    /// ever passes the durable end). Damage before it is corruption even
+    /// where it looks like a torn tail: cutting there would drop records
+    /// the device already holds and a sync had covered.
+    pub fn open_durable(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        durable: u64,
+    ) -> Result<(Self, Option<Recovered>)> {
         let mut files: Vec<LogFileInfo> = Vec::new();
         for name in storage.list_dir(dir).map_err(Error::io(dir))? {
             let Some((file_seq, origin)) = parse_name(&name) else {
@@ -115,7 +128,7 @@ impl LogStore {
         let count = files.len();
         for i in 0..count {
             let last = i + 1 == count;
-            let (end_pos, end_seq) = scan_file(&*storage, &files[i], last)?;
+            let (end_pos, end_seq) = scan_file(&*storage, &files[i], last, durable)?;
             files[i].end_pos = end_pos;
             files[i].end_seq = end_seq;
             if i > 0 {
@@ -415,8 +428,14 @@ fn file_seq_is_last(storage: &Arc<dyn Storage>, dir: &Path, file_seq: u64) -> bo
 }
 
 /// Scans one logfile to its valid end. The torn tail of the last file is cut
-/// off; damage anywhere else is an error.
-fn scan_file(storage: &dyn Storage, info: &LogFileInfo, last: bool) -> Result<(u64, u64)> {
+/// off (unless it starts before log position `durable`); damage anywhere
+/// else is an error.
+fn scan_file(
+    storage: &dyn Storage,
+    info: &LogFileInfo,
+    last: bool,
+    durable: u64,
+) -> Result<(u64, u64)> {
     let file = storage
         .open(&info.path, OpenMode::ReadWrite)
         .map_err(Error::io(&info.path))?;
@@ -432,6 +451,17 @@ fn scan_file(storage: &dyn Storage, info: &LogFileInfo, last: bool) -> Result<(u
     let end_seq = reader.next_seq().unwrap_or(info.header.first_seq);
     match reader.stop().cloned().unwrap_or(Stop::Clean) {
         Stop::Clean => {}
+        Stop::TornTail { at, what }
+            if last && info.header.start_pos + at.saturating_sub(FIRST_RECORD) < durable =>
+        {
+            return Err(Error::Corruption {
+                path: info.path.clone(),
+                offset: at,
+                what: format!(
+                    "{what}, before log position {durable} that was durable (written back)"
+                ),
+            });
+        }
         Stop::TornTail { at, what } if last => {
             tracing::warn!(file = %info.path.display(), offset = at, %what, "cutting off torn tail of logfile");
             file.set_len(valid_end).map_err(Error::io(&info.path))?;

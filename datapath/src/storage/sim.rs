@@ -191,9 +191,9 @@ impl Disk {
     /// ENOSPC if growing a file by `grow` bytes would pass the capacity.
     fn check_space(&self, grow: u64) -> io::Result<()> {
         match self.capacity {
-            Some(cap) if grow > 0 && self.used() + grow > cap => Err(io::Error::from_raw_os_error(
-                nix::libc::ENOSPC,
-            )),
+            Some(cap) if grow > 0 && self.used() + grow > cap => {
+                Err(io::Error::from_raw_os_error(nix::libc::ENOSPC))
+            }
             _ => Ok(()),
         }
     }
@@ -231,7 +231,8 @@ impl Disk {
                                 // Keep a random subset of the sectors the write touches.
                                 let mut at = 0usize;
                                 while at < d.len() {
-                                    let sector_end = ((*offset as usize + at) / SECTOR + 1) * SECTOR
+                                    let sector_end = ((*offset as usize + at) / SECTOR + 1)
+                                        * SECTOR
                                         - *offset as usize;
                                     let end = sector_end.min(d.len());
                                     if self.rng.random::<bool>() {
@@ -620,7 +621,11 @@ impl Storage for SimStorage {
                 .find(|(_, de)| *de == e)
                 .map(|(q, _)| q.clone())
             {
-                for (q, qe) in d.durable.iter().filter(|(q, _)| q.starts_with(&old) && **q != old) {
+                for (q, qe) in d
+                    .durable
+                    .iter()
+                    .filter(|(q, _)| q.starts_with(&old) && **q != old)
+                {
                     let rest = q.strip_prefix(&old).expect("filtered by prefix");
                     carried.push((p.join(rest), *qe));
                 }
@@ -715,7 +720,9 @@ mod tests {
         let p = Path::new("/d/meta.json");
         s.write_atomic(p, b"old").unwrap();
         for i in 0..200 {
-            let f = s.open(Path::new("/d/meta.json.tmp"), OpenMode::Create).unwrap();
+            let f = s
+                .open(Path::new("/d/meta.json.tmp"), OpenMode::Create)
+                .unwrap();
             f.set_len(0).unwrap();
             f.write_all_at(b"new content", 0).unwrap();
             let img = s.crash(CrashMode::Torn);
@@ -734,7 +741,8 @@ mod tests {
         s.create_dir_all(Path::new("/d/r")).unwrap();
         s.write_atomic(Path::new("/d/r/m"), b"m").unwrap();
         s.sync_dir(Path::new("/d")).unwrap();
-        s.rename(Path::new("/d/r"), Path::new("/d/.gone-r")).unwrap();
+        s.rename(Path::new("/d/r"), Path::new("/d/.gone-r"))
+            .unwrap();
         let img = s.crash(CrashMode::DropUnsynced);
         assert_eq!(img.read_file(Path::new("/d/r/m")).unwrap(), b"m");
         assert!(!img.exists(Path::new("/d/.gone-r")));
@@ -755,7 +763,10 @@ mod tests {
         f.write_all_at(&vec![0xAB; 4 * SECTOR], 0).unwrap();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
-            let img = s.crash(CrashMode::Torn).contents(Path::new("/d/f")).unwrap();
+            let img = s
+                .crash(CrashMode::Torn)
+                .contents(Path::new("/d/f"))
+                .unwrap();
             assert_eq!(img.len(), 4 * SECTOR);
             let sectors: Vec<bool> = img
                 .chunks(SECTOR)
@@ -812,7 +823,9 @@ mod tests {
         assert!(f.sync_data().is_err());
         assert!(s.open(Path::new("/d/g"), OpenMode::CreateNew).is_err());
         assert_eq!(
-            s.crash(CrashMode::Torn).contents(Path::new("/d/f")).unwrap(),
+            s.crash(CrashMode::Torn)
+                .contents(Path::new("/d/f"))
+                .unwrap(),
             b"ab"
         );
     }
