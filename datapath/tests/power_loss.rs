@@ -473,7 +473,7 @@ fn run(seed: u64, secs: Duration, cfg: Config) -> Outcome {
         writes: writes.len() as u64,
         refused: 0,
     };
-    for (i, mut img) in images.into_iter().enumerate() {
+    for (i, img) in images.into_iter().enumerate() {
         let again = i % 2 == 1 && !cfg.bit_rot;
         let rotted = if cfg.bit_rot {
             rot_a_durable_bit(&img.disk, &mut rng)
