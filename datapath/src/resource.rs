@@ -398,11 +398,14 @@ impl Resource {
                 source,
             })?
             .map_or(0, |p| p.pos);
-        let (store, _recovered) = LogStore::open_durable(Arc::clone(&storage), dir, durable)
-            .map_err(|source| Error::Log {
-                resource: name.clone(),
-                source,
-            })?;
+        let copied = meta.role != Role::Primary;
+        let (store, _recovered) =
+            LogStore::open_durable(Arc::clone(&storage), dir, durable, copied).map_err(
+                |source| Error::Log {
+                    resource: name.clone(),
+                    source,
+                },
+            )?;
         let store = Arc::new(store);
         quota.charge_existing(store.bytes());
         let backing = storage

@@ -48,11 +48,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use datapath::applicator::Applicator;
 use datapath::applicator::Position;
 use datapath::frontend::BlockIo;
-use datapath::log::format::{FILE_HEADER_LEN, FileHeader};
+use datapath::log::LogStore;
+use datapath::log::Record;
+use datapath::log::format::{FILE_HEADER_LEN, FileHeader, decode_record, encode_record};
+use datapath::log::store::parse_name;
 use datapath::quota::LogQuota;
-use datapath::resource::{Resource, Settings, resource_dir};
+use datapath::resource::{JoinPoint, Resource, Settings, resource_dir};
+use datapath::storage::OpenMode;
 use datapath::storage::Storage;
 use datapath::storage::sim::{CrashMode, Faults, SimStorage};
 use rand::rngs::StdRng;
@@ -276,6 +281,7 @@ fn write_loop(
     rng: &mut StdRng,
     stop: &AtomicBool,
     faults: bool,
+    keep_logs: bool,
 ) {
     let h = res.open().expect("open");
     let mut next_id = 1u64;
@@ -295,7 +301,9 @@ fn write_loop(
             // Now and then what the daemon does on its own: rotate, delete
             // logfiles that are written back.
             let _ = rt.block_on(res.log_rotate());
-            let _ = res.log_delete();
+            if !keep_logs {
+                let _ = res.log_delete();
+            }
             continue;
         }
         let block = if rng.random::<bool>() {
@@ -451,7 +459,7 @@ fn run(seed: u64, secs: Duration, cfg: Config) -> Outcome {
                 .enable_all()
                 .build()
                 .unwrap();
-            write_loop(&rt, &res, &hist, &mut rng, &stop, faults);
+            write_loop(&rt, &res, &hist, &mut rng, &stop, faults, false);
         })
     };
     let until = Instant::now() + secs;
@@ -590,6 +598,194 @@ fn a_bit_flipped_in_a_logfile_is_never_applied() {
         ..Config::default()
     };
     campaign("bit-rot", 3 << 32, cfg, 20);
+}
+
+/// The primary's whole log as (file header, origin, records), read from
+/// a disk after a clean stop.
+fn primary_log(disk: &SimStorage) -> Vec<(FileHeader, String, Vec<Record>)> {
+    let dir = resource_dir(Path::new(ROOT), "r");
+    let mut out = Vec::new();
+    for name in disk.list_dir(&dir).unwrap() {
+        let Some((_, origin)) = parse_name(&name) else {
+            continue;
+        };
+        let data = disk.contents(&dir.join(&name)).unwrap();
+        let header = FileHeader::decode(&data[..FILE_HEADER_LEN]).unwrap();
+        let mut recs = Vec::new();
+        let mut off = FILE_HEADER_LEN;
+        while off < data.len() {
+            let (rec, used) = decode_record(&data[off..]).expect("the primary's log is intact");
+            recs.push(rec);
+            off += used;
+        }
+        out.push((header, origin.to_string(), recs));
+    }
+    out
+}
+
+/// A secondary under power loss: its local log copy is filled the way the
+/// fetcher fills it (whole records appended in batches, synced now and
+/// then, each file synced before the next is created) while the real
+/// applicator replays what is durable into the device and persists its
+/// position; crash images of the secondary's disk are taken meanwhile.
+/// Recovery (`Resource::load` of the secondary) must give a device that is
+/// the primary's state after exactly `k` writes, with `k` at least the
+/// records that were durable in the local log (recovery replays all of
+/// them) and at most those appended: anytime consistency, power loss
+/// included.
+#[test]
+fn a_secondary_stays_a_prefix_of_the_primary_through_power_loss() {
+    let seed = seed();
+    eprintln!("secondary: seed {seed} (replay: MARS_SEED={seed})");
+    let t = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The primary: a clean run, its logs kept whole.
+    let a = SimStorage::new(seed);
+    let res = create(&a);
+    let hist = History::default();
+    let stop = AtomicBool::new(false);
+    let mut rng = StdRng::seed_from_u64(seed);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(400));
+            stop.store(true, Ordering::Relaxed);
+        });
+        write_loop(&rt, &res, &hist, &mut rng, &stop, false, true);
+    });
+    res.shutdown(Instant::now() + Duration::from_secs(5));
+    let writes = hist.writes.lock().unwrap().clone();
+    let log = primary_log(&a);
+    let records: usize = log.iter().map(|(_, _, r)| r.len()).sum();
+    assert_eq!(records, writes.len(), "one record per write");
+
+    // The secondary.
+    let b = SimStorage::new(seed ^ 0xB);
+    b.mkdir_durable(Path::new(ROOT));
+    b.mkdir_durable(Path::new("/disk"));
+    let join = JoinPoint {
+        start_pos: 0,
+        generation: 1,
+    };
+    let quota = Arc::new(LogQuota::new(1 << 30));
+    let sec = Resource::create(
+        Arc::new(b.clone()),
+        Path::new(ROOT),
+        settings(),
+        Arc::clone(&quota),
+        "r",
+        &PathBuf::from(BACKING),
+        SIZE,
+        Some(join),
+    )
+    .expect("creating the secondary");
+    sec.shutdown(Instant::now());
+    drop(sec);
+    let dir = resource_dir(Path::new(ROOT), "r");
+    let (store, _) = LogStore::open(Arc::new(b.clone()), &dir).unwrap();
+    let store = Arc::new(store);
+    let durable_records = AtomicU64::new(0);
+    let appended_records = AtomicU64::new(0);
+    let durable_pos = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let mut images = Vec::new();
+    std::thread::scope(|sc| {
+        // Fetcher.
+        sc.spawn(|| {
+            let mut rng = StdRng::seed_from_u64(seed ^ 0xF);
+            let mut n = 0u64;
+            for (header, origin, recs) in &log {
+                let mut app = store.create_file(origin, *header).unwrap();
+                let mut i = 0;
+                while i < recs.len() {
+                    let k = rng.random_range(1..=8).min(recs.len() - i);
+                    let mut buf = Vec::new();
+                    for r in &recs[i..i + k] {
+                        encode_record(&r.header, &r.payload, &mut buf);
+                    }
+                    app.append(&buf, k as u64).unwrap();
+                    store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+                    i += k;
+                    n += k as u64;
+                    appended_records.store(n, Ordering::SeqCst);
+                    if rng.random_range(0..3) == 0 || i == recs.len() {
+                        app.sync().unwrap();
+                        durable_records.store(n, Ordering::SeqCst);
+                        durable_pos.store(app.end_pos(), Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_micros(rng.random_range(0..300)));
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        // Applier: the real applicator, up to what is durable locally.
+        sc.spawn(|| {
+            let backing = b.open(Path::new(BACKING), OpenMode::ReadWrite).unwrap();
+            let mut app = Applicator::new(
+                Arc::clone(&store),
+                Arc::new(b.clone()),
+                backing,
+                PathBuf::from(BACKING),
+                dir.join("written-back.json"),
+                Position {
+                    pos: 0,
+                    next_seq: 0,
+                },
+            );
+            let mut rng = StdRng::seed_from_u64(seed ^ 0xA);
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let limit = durable_pos.load(Ordering::SeqCst);
+                let max = rng.random_range(1..6);
+                if rng.random::<bool>() {
+                    app.apply_until(limit, max).unwrap();
+                } else {
+                    app.apply_records(limit, max).unwrap();
+                }
+                if finished && app.applied().pos >= limit {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(rng.random_range(0..200)));
+            }
+        });
+        // Crash images.
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xC);
+        while !done.load(Ordering::SeqCst) && images.len() < 150 {
+            std::thread::sleep(Duration::from_micros(rng.random_range(0..500)));
+            let lo = durable_records.load(Ordering::SeqCst);
+            let mode = if rng.random::<bool>() {
+                CrashMode::Torn
+            } else {
+                CrashMode::DropUnsynced
+            };
+            let img = b.crash(mode);
+            let hi = appended_records.load(Ordering::SeqCst);
+            images.push((img, lo, hi, mode));
+        }
+    });
+    let n = images.len();
+    for (i, (img, lo, hi, mode)) in images.into_iter().enumerate() {
+        let res = load(&img).unwrap_or_else(|e| {
+            panic!("seed {seed}: secondary image {i} ({mode:?}, {lo}..={hi} records): {e}")
+        });
+        res.shutdown(Instant::now());
+        let mut device = img.contents(Path::new(BACKING)).unwrap();
+        device.resize(SIZE as usize, 0);
+        if let Err(e) = prefix_length(&device, &writes, lo, hi) {
+            panic!(
+                "seed {seed}: secondary image {i} ({mode:?}, {lo}..={hi} records): {e}\n\
+                 replay: MARS_SEED={seed} cargo test -p mars-datapath --test power_loss secondary"
+            );
+        }
+    }
+    eprintln!(
+        "secondary: {n} crash images over {} records checked in {:.1} s",
+        writes.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(n >= 20, "only {n} crash images were taken");
 }
 
 /// The checker itself: a lost durable write and a write out of order are

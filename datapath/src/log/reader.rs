@@ -35,6 +35,9 @@ pub struct RecordReader {
     pos: u64,
     expected_seq: Option<u64>,
     stop: Option<Stop>,
+    /// Whether the records' `unsynced` claims describe this file's syncs
+    /// (false for a secondary's copy: they describe the primary's).
+    own_claims: bool,
 }
 
 impl RecordReader {
@@ -54,7 +57,17 @@ impl RecordReader {
             pos: offset,
             expected_seq,
             stop: None,
+            own_claims: true,
         })
+    }
+
+    /// For a copy of another node's log (a secondary's): the records'
+    /// `unsynced` claims tell nothing about when this copy was synced, so
+    /// damage is a torn tail unless a caller knows better (the copy can be
+    /// fetched again).
+    pub fn copied(mut self) -> Self {
+        self.own_claims = false;
+        self
     }
 
     /// File offset just past the last record returned (the valid end so far).
@@ -159,6 +172,9 @@ impl RecordReader {
     /// holds 0 there, so any valid record after damage makes it corruption,
     /// as before.)
     fn synced_past(&self, at: u64) -> std::io::Result<bool> {
+        if !self.own_claims {
+            return Ok(false);
+        }
         let magic = RECORD_MAGIC.to_le_bytes();
         let mut off = at + 1;
         let mut chunk = vec![0u8; WINDOW + RECORD_HEADER_LEN];

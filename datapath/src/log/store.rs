@@ -61,18 +61,23 @@ impl LogStore {
     /// Opens the logfiles in `dir` and recovers them: a torn tail of the last
     /// file is cut off (and logged); damage anywhere else is an error.
     pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<(Self, Option<Recovered>)> {
-        Self::open_durable(storage, dir, 0)
+        Self::open_durable(storage, dir, 0, false)
     }
 
     /// [`LogStore::open`], knowing that the log was durable up to log
     /// position `durable` (the written-back or applied position: neither
     /// ever passes the durable end). Damage before it is corruption even
     /// where it looks like a torn tail: cutting there would drop records
-    /// the device already holds and a sync had covered.
+    /// the device already holds and a sync had covered. `copied`: the
+    /// records were fetched from another node (a secondary's log), so
+    /// their `unsynced` claims say nothing about this copy's syncs and any
+    /// damage past `durable` in the newest file is cut off as a torn tail
+    /// (the fetcher fetches those records again).
     pub fn open_durable(
         storage: Arc<dyn Storage>,
         dir: &Path,
         durable: u64,
+        copied: bool,
     ) -> Result<(Self, Option<Recovered>)> {
         let mut files: Vec<LogFileInfo> = Vec::new();
         for name in storage.list_dir(dir).map_err(Error::io(dir))? {
@@ -128,7 +133,7 @@ impl LogStore {
         let count = files.len();
         for i in 0..count {
             let last = i + 1 == count;
-            let (end_pos, end_seq) = scan_file(&*storage, &files[i], last, durable)?;
+            let (end_pos, end_seq) = scan_file(&*storage, &files[i], last, durable, copied)?;
             files[i].end_pos = end_pos;
             files[i].end_seq = end_seq;
             if i > 0 {
@@ -435,6 +440,7 @@ fn scan_file(
     info: &LogFileInfo,
     last: bool,
     durable: u64,
+    copied: bool,
 ) -> Result<(u64, u64)> {
     let file = storage
         .open(&info.path, OpenMode::ReadWrite)
@@ -442,6 +448,9 @@ fn scan_file(
     let mut reader =
         RecordReader::new(Arc::clone(&file), FIRST_RECORD, Some(info.header.first_seq))
             .map_err(Error::io(&info.path))?;
+    if copied {
+        reader = reader.copied();
+    }
     while reader
         .next_record()
         .map_err(Error::io(&info.path))?
