@@ -170,10 +170,20 @@ fn load(disk: &SimStorage) -> Result<Arc<Resource>, String> {
     .map_err(|e| format!("recovery failed: {e}"))
 }
 
-fn read_device(rt: &tokio::runtime::Runtime, res: &Arc<Resource>) -> Result<Vec<u8>, String> {
-    let h = res
-        .open()
-        .ok_or("the recovered resource cannot be opened")?;
+/// What the recovered device holds: read through the volume on a primary,
+/// the backing file itself on a secondary (recovery replayed its log into it).
+fn read_device(
+    rt: &tokio::runtime::Runtime,
+    res: &Arc<Resource>,
+    disk: &SimStorage,
+) -> Result<Vec<u8>, String> {
+    let Some(h) = res.open() else {
+        let mut data = disk
+            .contents(Path::new(BACKING))
+            .map_err(|e| format!("reading the backing file: {e}"))?;
+        data.resize(SIZE as usize, 0);
+        return Ok(data);
+    };
     let data = rt
         .block_on(h.read(0, SIZE as u32))
         .map_err(|e| format!("reading the recovered device: {e:?}"))?;
@@ -251,7 +261,7 @@ fn check_image(
         }
     }
     let res = load(&disk)?;
-    let device = read_device(rt, &res);
+    let device = read_device(rt, &res, &disk);
     res.shutdown(Instant::now());
     let device = device?;
     prefix_length(&device, writes, img.durable, img.issued)
@@ -282,8 +292,9 @@ fn write_loop(
     stop: &AtomicBool,
     faults: bool,
     keep_logs: bool,
+    role_changes: bool,
 ) {
-    let h = res.open().expect("open");
+    let mut h = res.open().expect("open");
     let mut next_id = 1u64;
     while !stop.load(Ordering::Relaxed) {
         let roll = rng.random_range(0..100);
@@ -295,6 +306,18 @@ fn write_loop(
             }
             let done = hist.completed.load(Ordering::SeqCst);
             hist.durable.fetch_max(done, Ordering::SeqCst);
+            continue;
+        }
+        if role_changes && roll == 8 {
+            // A planned handover away and back: the volume closes, the
+            // primary writes everything back and steps down, then becomes
+            // primary again in a new generation (a new logfile).
+            drop(h);
+            res.make_secondary().expect("make_secondary");
+            let done = hist.completed.load(Ordering::SeqCst);
+            hist.durable.fetch_max(done, Ordering::SeqCst);
+            res.make_primary(0).expect("make_primary");
+            h = res.open().expect("open after make_primary");
             continue;
         }
         if roll < 12 && rng.random_range(0..4) == 0 {
@@ -351,6 +374,9 @@ struct Config {
     /// has one before recovering it (damage at rest): recovery must refuse
     /// and name the damage.
     bit_rot: bool,
+    /// Planned handovers away and back (make_secondary, make_primary)
+    /// between writes.
+    role_changes: bool,
 }
 
 /// What a run found. Refusals are recoveries that reported damage.
@@ -459,7 +485,16 @@ fn run(seed: u64, secs: Duration, cfg: Config) -> Outcome {
                 .enable_all()
                 .build()
                 .unwrap();
-            write_loop(&rt, &res, &hist, &mut rng, &stop, faults, false);
+            write_loop(
+                &rt,
+                &res,
+                &hist,
+                &mut rng,
+                &stop,
+                faults,
+                false,
+                cfg.role_changes,
+            );
         })
     };
     let until = Instant::now() + secs;
@@ -600,6 +635,20 @@ fn a_bit_flipped_in_a_logfile_is_never_applied() {
     campaign("bit-rot", 3 << 32, cfg, 20);
 }
 
+/// Power loss during role changes: the primary steps down (writing
+/// everything back) and becomes primary again in a new generation, over
+/// and over between writes; every crash image, whichever role it recovers
+/// in, holds a prefix with every durable write.
+#[test]
+fn role_changes_under_power_loss_keep_the_prefix_and_every_durable_write() {
+    let cfg = Config {
+        torn: true,
+        role_changes: true,
+        ..Config::default()
+    };
+    campaign("roles", 4 << 32, cfg, 20);
+}
+
 /// The primary's whole log as (file header, origin, records), read from
 /// a disk after a clean stop.
 fn primary_log(disk: &SimStorage) -> Vec<(FileHeader, String, Vec<Record>)> {
@@ -653,7 +702,7 @@ fn a_secondary_stays_a_prefix_of_the_primary_through_power_loss() {
             std::thread::sleep(Duration::from_millis(400));
             stop.store(true, Ordering::Relaxed);
         });
-        write_loop(&rt, &res, &hist, &mut rng, &stop, false, true);
+        write_loop(&rt, &res, &hist, &mut rng, &stop, false, true, false);
     });
     res.shutdown(Instant::now() + Duration::from_secs(5));
     let writes = hist.writes.lock().unwrap().clone();
