@@ -174,6 +174,16 @@ pub(crate) struct Shared {
     pub log_done: AtomicBool,
     /// Last writeback error, for `view`.
     pub wb_error: Mutex<Option<String>>,
+    /// How far the log is durable *with evidence a recovery can see*: a
+    /// durable record whose `unsynced` claim reaches here, a newer logfile
+    /// (created only after a sync of the previous one) or the durable floor
+    /// file. Writeback never passes it, so that damage recovery takes for a
+    /// torn tail (no evidence that a sync covered it) never lies under data
+    /// already written back.
+    vouched: AtomicU64,
+    /// (end of a committed batch, the durable position it claims), oldest
+    /// first: once a sync covers the batch, its claim is vouched for.
+    claims: Mutex<VecDeque<(u64, u64)>>,
 }
 
 impl Shared {
@@ -200,6 +210,37 @@ impl Shared {
 
     pub fn flushed(&self) -> u64 {
         self.counters.flushed.load(Ordering::Acquire)
+    }
+
+    /// See [`Shared::vouched`](field@Shared::vouched).
+    pub fn vouched(&self) -> u64 {
+        self.vouched.load(Ordering::Acquire)
+    }
+
+    pub fn appended(&self) -> u64 {
+        self.counters.appended.load(Ordering::Acquire)
+    }
+
+    /// The log is durable up to `end`: every committed batch up to there
+    /// now vouches for the position it claims.
+    fn synced_to(&self, end: u64) {
+        self.counters.flushed.fetch_max(end, Ordering::AcqRel);
+        let mut claims = self.claims.lock().expect("claims lock");
+        let mut best = None;
+        while claims.front().is_some_and(|(e, _)| *e <= end) {
+            best = claims.pop_front().map(|(_, c)| c);
+        }
+        drop(claims);
+        if let Some(c) = best {
+            self.vouched.fetch_max(c, Ordering::AcqRel);
+        }
+    }
+
+    /// Vouches for `pos` without a record: the durable floor file (for a
+    /// log that went quiet, or a writeback that must drain), or the start
+    /// of a newer logfile.
+    pub fn vouch(&self, pos: u64) {
+        self.vouched.fetch_max(pos, Ordering::AcqRel);
     }
 }
 
@@ -291,6 +332,9 @@ impl Logger {
             closed: AtomicBool::new(false),
             log_done: AtomicBool::new(false),
             wb_error: Mutex::new(None),
+            // Everything recovery found is written back already.
+            vouched: AtomicU64::new(appender.end_pos()),
+            claims: Mutex::new(VecDeque::new()),
             cfg,
         });
         let (tx, rx) = mpsc::channel();
@@ -603,12 +647,7 @@ fn log_loop(
     }
     // Closing: make everything appended durable for writeback.
     match appender.sync() {
-        Ok(()) => {
-            shared
-                .counters
-                .flushed
-                .fetch_max(appender.end_pos(), Ordering::AcqRel);
-        }
+        Ok(()) => shared.synced_to(appender.end_pos()),
         Err(e) => {
             tracing::error!(resource = %shared.cfg.resource, error = %e, "final sync of the log failed")
         }
@@ -756,6 +795,15 @@ fn commit(
                 .fetch_max(held + h.payload_len as u64, Ordering::Relaxed);
         }
     }
+    {
+        let mut claims = shared.claims.lock().expect("claims lock");
+        if claims.back().is_none_or(|(_, c)| *c < durable) {
+            claims.push_back((end, durable));
+        } else if let Some(last) = claims.back_mut() {
+            // Same claim: the later end is what must be durable for it.
+            last.0 = end;
+        }
+    }
     shared.active.lock().expect("active lock").appended = end;
     shared.counters.appended.store(end, Ordering::Release);
     shared
@@ -802,10 +850,7 @@ fn commit(
 /// Makes the current logfile durable and starts the next one.
 fn rotate(shared: &Shared, appender: &mut Appender, file_seq: &mut u64) -> Result<(), IoError> {
     appender.sync().map_err(|e| shared.io_err(e))?;
-    shared
-        .counters
-        .flushed
-        .fetch_max(appender.end_pos(), Ordering::AcqRel);
+    shared.synced_to(appender.end_pos());
     let header = FileHeader {
         file_seq: *file_seq + 1,
         start_pos: appender.end_pos(),
@@ -819,6 +864,9 @@ fn rotate(shared: &Shared, appender: &mut Appender, file_seq: &mut u64) -> Resul
             resource: shared.cfg.resource.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
+    // The new file exists durably only after the old one was synced:
+    // recovery treats damage in a file that is not the newest as corruption.
+    shared.vouch(header.start_pos);
     *appender = next;
     *file_seq += 1;
     shared.active.lock().expect("active lock").file = Arc::clone(appender.file());
@@ -850,7 +898,7 @@ fn sync_loop(shared: Arc<Shared>) {
         };
         match res {
             Ok(()) => {
-                shared.counters.flushed.fetch_max(target, Ordering::AcqRel);
+                shared.synced_to(target);
                 shared.wb_cv.notify_all();
                 for w in waiters {
                     debug_assert!(w.target <= target);

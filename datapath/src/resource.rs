@@ -397,7 +397,13 @@ impl Resource {
                 resource: name.clone(),
                 source,
             })?
-            .map_or(0, |p| p.pos);
+            .map_or(0, |p| p.pos)
+            .max(
+                LogStore::durable_floor(&*storage, dir).map_err(|source| Error::Log {
+                    resource: name.clone(),
+                    source,
+                })?,
+            );
         let copied = meta.role != Role::Primary;
         let (store, _recovered) =
             LogStore::open_durable(Arc::clone(&storage), dir, durable, copied).map_err(

@@ -185,6 +185,12 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
     };
     let mut handed = start.pos;
     let mut last_handoff = Instant::now();
+    // The applier never passes the persisted durable floor of the local
+    // copy: a recovery that cuts a torn tail of the copy (the primary's
+    // sync claims say nothing about it) never cuts under applied data.
+    let mut floor = crate::log::LogStore::durable_floor(&**res.storage(), res.store().dir())
+        .unwrap_or(0)
+        .max(start.pos);
     while !stop.load(Ordering::Acquire) {
         let applied = app.applied();
         if applied.pos > handed && last_handoff.elapsed() >= PERSIST_INTERVAL {
@@ -213,7 +219,18 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
             continue;
         }
         let copying = meta.sync.is_some_and(|s| s.target.is_none());
-        let limit = res.counters().flushed.load(Ordering::Acquire);
+        let flushed = res.counters().flushed.load(Ordering::Acquire);
+        if !copying && floor < flushed && applied.pos >= floor {
+            match res.store().persist_durable(flushed) {
+                Ok(()) => floor = flushed,
+                Err(e) => {
+                    tracing::error!(resource = %name, error = %e, "persisting the durable floor of the local log failed; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let limit = flushed.min(floor);
         if copying || meta.replay_paused || limit <= applied.pos || res.store().files().is_empty() {
             std::thread::sleep(Duration::from_millis(10));
             continue;

@@ -1,8 +1,11 @@
 //! Writeback: applies logged records to the backing device in log order,
-//! never beyond the log position that is durable (so the device is always a
-//! prefix of what the log keeps after a power loss), then syncs the device,
-//! persists the written-back position and deletes logfiles that are no
-//! longer needed.
+//! never beyond the log position that is durable *with evidence recovery
+//! can see* (a later durable record's `unsynced` claim, a newer logfile or
+//! the durable floor file; see `Shared::vouched`), so the device is always
+//! a prefix of what the log keeps after a power loss, also when recovery
+//! must cut damage it cannot tell from a torn write. Then it syncs the
+//! device, persists the written-back position and deletes logfiles that
+//! are no longer needed.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,8 +39,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         let batch = {
             let mut wb = shared.wb.lock().expect("wb lock");
             loop {
-                let flushed = shared.flushed();
-                let ready = wb.queue.front().is_some_and(|p| p.end() <= flushed);
+                let vouched = shared.vouched();
+                let ready = wb.queue.front().is_some_and(|p| p.end() <= vouched);
                 if ready {
                     waiting_since = None;
                     break;
@@ -58,10 +61,25 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     // covers many (FLUSH/FUA sync anyway); hurry when the
                     // overlay fills up.
                     let since = *waiting_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= SYNC_DELAY
+                    let stopping = wb.stop.is_some();
+                    if stopping
+                        || since.elapsed() >= SYNC_DELAY
                         || shared.counters.overlay_bytes.load(Ordering::Relaxed) >= overlay_pressure
                     {
-                        shared.want_sync();
+                        let flushed = shared.flushed();
+                        let front_durable = wb.queue.front().is_some_and(|p| p.end() <= flushed);
+                        if shared.appended() > flushed && !stopping {
+                            // The next sync makes the front durable, or
+                            // makes durable a record that vouches for it.
+                            shared.want_sync();
+                        } else if front_durable {
+                            // Nothing newer will vouch for it (the log went
+                            // quiet, or is closing): the floor file does.
+                            drop(wb);
+                            vouch_with_floor(&shared, flushed, &resource);
+                            wb = shared.wb.lock().expect("wb lock");
+                            continue;
+                        }
                     }
                 } else if written.pos > persisted && last_persist.elapsed() >= PERSIST_INTERVAL {
                     break;
@@ -73,12 +91,12 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 };
                 wb = shared.wb_cv.wait_timeout(wb, nap).expect("wb lock").0;
             }
-            let flushed = shared.flushed();
+            let vouched = shared.vouched();
             let mut batch: Vec<Pending> = Vec::new();
             let mut bytes = 0;
             while batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
                 match wb.queue.front() {
-                    Some(p) if p.end() <= flushed => {
+                    Some(p) if p.end() <= vouched => {
                         bytes += p.record.header.encoded_len();
                         batch.push(wb.queue.pop_front().expect("front exists"))
                     }
@@ -116,6 +134,18 @@ pub(crate) fn run(shared: Arc<Shared>) {
         {
             persist(&shared, &mut written, &mut persisted, &resource);
             last_persist = Instant::now();
+        }
+    }
+}
+
+/// Persists that the log is durable up to `flushed` (the durable floor
+/// file), so that writeback may pass what records vouch for.
+fn vouch_with_floor(shared: &Shared, flushed: u64, resource: &str) {
+    match shared.store.persist_durable(flushed) {
+        Ok(()) => shared.vouch(flushed),
+        Err(e) => {
+            tracing::error!(%resource, error = %e, "persisting the durable floor of the log failed; writeback waits");
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct LogStore {
     files: Mutex<Vec<LogFileInfo>>,
 }
 
+/// Where [`LogStore::persist_durable`] keeps the durable floor.
+const DURABLE_FILE: &str = "durable.json";
+
 /// `log-000000001-node1` → (1, "node1").
 pub fn parse_name(name: &str) -> Option<(u64, &str)> {
     let rest = name.strip_prefix("log-")?;
@@ -138,6 +141,24 @@ impl LogStore {
             files[i].end_seq = end_seq;
             if i > 0 {
                 let (prev, cur) = (&files[i - 1], &files[i]);
+                if i + 1 == count
+                    && cur.end_pos == cur.header.start_pos
+                    && cur.file_seq == prev.file_seq + 1
+                    && cur.header.start_pos < prev.end_pos
+                {
+                    // A newest logfile without records that starts inside
+                    // the previous one: a rotation that failed (its header
+                    // became durable, the removal did not) after which
+                    // appending went on in the previous file. It never
+                    // held a record.
+                    tracing::warn!(file = %cur.path.display(), start = cur.header.start_pos, previous_end = prev.end_pos, "removing the empty logfile of a failed rotation");
+                    storage
+                        .remove_file(&cur.path)
+                        .map_err(Error::io(&cur.path))?;
+                    storage.sync_dir(dir).map_err(Error::io(dir))?;
+                    files.pop();
+                    break;
+                }
                 if cur.file_seq != prev.file_seq + 1
                     || cur.header.start_pos != prev.end_pos
                     || cur.header.first_seq != prev.end_seq
@@ -175,6 +196,36 @@ impl LogStore {
         &self.dir
     }
 
+    /// Persists (atomically) that the log is durable up to log position
+    /// `pos`: recovery never cuts the log below it (see
+    /// [`LogStore::open_durable`]).
+    pub fn persist_durable(&self, pos: u64) -> Result<()> {
+        let path = self.dir.join(DURABLE_FILE);
+        let bytes = serde_json::to_vec(&serde_json::json!({ "durable": pos }))
+            .expect("a number serializes");
+        self.storage
+            .write_atomic(&path, &bytes)
+            .map_err(Error::io(&path))
+    }
+
+    /// The durable floor persisted in `dir` by [`LogStore::persist_durable`]
+    /// (0 if none).
+    pub fn durable_floor(storage: &dyn Storage, dir: &Path) -> Result<u64> {
+        let path = dir.join(DURABLE_FILE);
+        if !storage.exists(&path) {
+            return Ok(0);
+        }
+        let bytes = storage.read_file(&path).map_err(Error::io(&path))?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("durable")?.as_u64())
+            .ok_or_else(|| Error::Corruption {
+                path,
+                offset: 0,
+                what: "not a durable floor ({\"durable\": N})".into(),
+            })
+    }
+
     /// A snapshot of the logfiles, oldest first.
     pub fn files(&self) -> Vec<LogFileInfo> {
         self.files.lock().expect("log store lock").clone()
@@ -201,12 +252,20 @@ impl LogStore {
             .storage
             .open(&path, OpenMode::CreateNew)
             .map_err(Error::io(&path))?;
-        file.write_all_at(&header.encode(), 0)
-            .map_err(Error::io(&path))?;
-        file.sync_data().map_err(Error::io(&path))?;
-        self.storage
-            .sync_dir(&self.dir)
-            .map_err(Error::io(&self.dir))?;
+        let made = file
+            .write_all_at(&header.encode(), 0)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| self.storage.sync_dir(&self.dir));
+        if let Err(e) = made {
+            // Leave no half-made logfile behind: appending goes on in the
+            // previous file, and recovery must not take this one for its
+            // successor (it also removes such a file, should this fail).
+            let _ = self
+                .storage
+                .remove_file(&path)
+                .and_then(|()| self.storage.sync_dir(&self.dir));
+            return Err(Error::io(&path)(e));
+        }
         self.files
             .lock()
             .expect("log store lock")
@@ -816,6 +875,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A rotation whose new file became durable but whose removal after a
+    /// failure did not, while appending went on in the previous file: the
+    /// empty newer file starts inside the previous one and is dropped.
+    #[test]
+    fn the_empty_logfile_of_a_failed_rotation_is_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (first, offsets) = write_log(tmp.path(), &[100, 200, 300]);
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        let header = FileHeader {
+            file_seq: 2,
+            start_pos: 1000 + offsets[1] - FIRST_RECORD,
+            first_seq: 2,
+            generation: 1,
+        };
+        store.create_file("n1", header).unwrap();
+        drop(store);
+        let (store, rec) = LogStore::open(storage(), tmp.path()).unwrap();
+        assert_eq!(store.files().len(), 1);
+        assert_eq!(rec.map(|r| r.next_seq), Some(4));
+        assert!(first.exists());
+        // An empty newest file that continues the previous one exactly is
+        // a rotation that worked: it stays.
+        let end = store.files()[0].end_pos;
+        store
+            .create_file(
+                "n1",
+                FileHeader {
+                    file_seq: 2,
+                    start_pos: end,
+                    first_seq: 4,
+                    generation: 1,
+                },
+            )
+            .unwrap();
+        drop(store);
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        assert_eq!(store.files().len(), 2);
     }
 
     const RECORD_HEADER_LEN_U64: u64 = crate::log::format::RECORD_HEADER_LEN as u64;
