@@ -283,6 +283,17 @@ fn create(disk: &SimStorage) -> Arc<Resource> {
     .expect("creating the resource")
 }
 
+/// What the writer does besides writing.
+#[derive(Clone, Copy, Default)]
+struct WriterOpts {
+    /// Faults are injected: a failed request stops the writer.
+    faults: bool,
+    /// Never delete logfiles (a secondary will copy them all).
+    keep_logs: bool,
+    /// Planned handovers away and back now and then.
+    role_changes: bool,
+}
+
 /// The writer: random writes, zeroings and flushes until `stop`.
 fn write_loop(
     rt: &tokio::runtime::Runtime,
@@ -290,10 +301,13 @@ fn write_loop(
     hist: &History,
     rng: &mut StdRng,
     stop: &AtomicBool,
-    faults: bool,
-    keep_logs: bool,
-    role_changes: bool,
+    opts: WriterOpts,
 ) {
+    let WriterOpts {
+        faults,
+        keep_logs,
+        role_changes,
+    } = opts;
     let mut h = res.open().expect("open");
     let mut next_id = 1u64;
     while !stop.load(Ordering::Relaxed) {
@@ -534,16 +548,12 @@ fn run(seed: u64, secs: Duration, cfg: Config) -> Outcome {
                 .enable_all()
                 .build()
                 .unwrap();
-            write_loop(
-                &rt,
-                &res,
-                &hist,
-                &mut rng,
-                &stop,
+            let opts = WriterOpts {
                 faults,
-                false,
-                cfg.role_changes,
-            );
+                role_changes: cfg.role_changes,
+                ..WriterOpts::default()
+            };
+            write_loop(&rt, &res, &hist, &mut rng, &stop, opts);
         })
     };
     let until = Instant::now() + secs;
@@ -770,7 +780,11 @@ fn a_secondary_stays_a_prefix_of_the_primary_through_power_loss() {
             std::thread::sleep(Duration::from_millis(400));
             stop.store(true, Ordering::Relaxed);
         });
-        write_loop(&rt, &res, &hist, &mut rng, &stop, false, true, false);
+        let opts = WriterOpts {
+            keep_logs: true,
+            ..WriterOpts::default()
+        };
+        write_loop(&rt, &res, &hist, &mut rng, &stop, opts);
     });
     res.shutdown(Instant::now() + Duration::from_secs(5));
     let writes = hist.writes.lock().unwrap().clone();
