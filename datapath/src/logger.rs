@@ -37,8 +37,12 @@ use crate::writeback;
 pub struct Counters {
     /// End of the last record appended to the log.
     pub appended: AtomicU64,
-    /// End of the last record known durable (fdatasync'd).
+    /// End of the last record known durable (fdatasync'd). Change it with
+    /// [`Counters::set_flushed`] / [`Counters::advance_flushed`], which wake
+    /// the peers' log shippers waiting in [`Counters::flushed_changed`].
     pub flushed: AtomicU64,
+    /// Notified whenever `flushed` changes.
+    pub flushed_changed: tokio::sync::Notify,
     /// End of the last record written back and persisted as such.
     pub written_back: AtomicU64,
     /// Bytes of record payload held in the overlay.
@@ -56,6 +60,7 @@ impl Default for Counters {
         Self {
             appended: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
+            flushed_changed: tokio::sync::Notify::new(),
             written_back: AtomicU64::new(0),
             overlay_bytes: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
@@ -65,6 +70,19 @@ impl Default for Counters {
 }
 
 impl Counters {
+    /// Sets the durable end of the log (it may move back: truncation).
+    pub fn set_flushed(&self, pos: u64) {
+        self.flushed.store(pos, Ordering::Release);
+        self.flushed_changed.notify_waiters();
+    }
+
+    /// Moves the durable end of the log forward to `pos` (if it is further).
+    pub fn advance_flushed(&self, pos: u64) {
+        if self.flushed.fetch_max(pos, Ordering::AcqRel) < pos {
+            self.flushed_changed.notify_waiters();
+        }
+    }
+
     /// Where logfile deletion may go up to, given what is written back here.
     pub fn deletable_before(&self) -> u64 {
         self.written_back
@@ -224,7 +242,7 @@ impl Shared {
     /// The log is durable up to `end`: every committed batch up to there
     /// now vouches for the position it claims.
     fn synced_to(&self, end: u64) {
-        self.counters.flushed.fetch_max(end, Ordering::AcqRel);
+        self.counters.advance_flushed(end);
         let mut claims = self.claims.lock().expect("claims lock");
         let mut best = None;
         while claims.front().is_some_and(|(e, _)| *e <= end) {
@@ -299,9 +317,7 @@ impl Logger {
         counters
             .appended
             .store(appender.end_pos(), Ordering::Release);
-        counters
-            .flushed
-            .store(appender.end_pos(), Ordering::Release);
+        counters.set_flushed(appender.end_pos());
         counters
             .written_back
             .store(start.written_back, Ordering::Release);

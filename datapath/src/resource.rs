@@ -481,7 +481,7 @@ impl Resource {
         self.counters
             .appended
             .store(end.max(pos), Ordering::Release);
-        self.counters.flushed.store(end.max(pos), Ordering::Release);
+        self.counters.set_flushed(end.max(pos));
         self.counters.written_back.store(pos, Ordering::Release);
         Ok(())
     }
@@ -746,7 +746,7 @@ impl Resource {
         }
         let pos = app.position().pos;
         self.counters.written_back.store(pos, Ordering::Release);
-        self.counters.flushed.store(pos, Ordering::Release);
+        self.counters.set_flushed(pos);
         self.counters.appended.store(pos, Ordering::Release);
         Ok(self.store.files().last().map_or(pos, |f| f.end_pos))
     }
@@ -775,7 +775,7 @@ impl Resource {
         let freed = self.store.truncate_to(pos).map_err(self.err_log())?;
         self.quota.release(freed);
         self.counters.appended.store(pos, Ordering::Release);
-        self.counters.flushed.store(pos, Ordering::Release);
+        self.counters.set_flushed(pos);
         Ok(())
     }
 

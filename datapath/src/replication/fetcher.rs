@@ -167,7 +167,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
 fn sync(a: &Appender, counters: &crate::logger::Counters) -> Result<(), FetchError> {
     if counters.flushed.load(Ordering::Acquire) < a.end_pos() {
         tokio::task::block_in_place(|| a.sync()).map_err(|e| FetchError::Local(e.to_string()))?;
-        counters.flushed.store(a.end_pos(), Ordering::Release);
+        counters.set_flushed(a.end_pos());
     }
     Ok(())
 }

@@ -263,14 +263,17 @@ async fn ship(
     }
     tracing::info!(%resource, peer = %peer.node, pos, "shipping log");
     let mut last_sent = Instant::now();
+    let counters = res.counters();
     loop {
         if res.meta().disconnected {
             return refuse(s, format!("{resource} was disconnected on {}", node.name())).await;
         }
-        let limit = res
-            .counters()
-            .flushed
-            .load(std::sync::atomic::Ordering::Acquire);
+        // Registered before `flushed` is read, so that no sync in between
+        // goes unnoticed: new records are shipped as soon as they are durable.
+        let changed = counters.flushed_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let limit = counters.flushed.load(std::sync::atomic::Ordering::Acquire);
         let raw = tokio::task::block_in_place(|| store.read_records(pos, limit, SHIP_BYTES))
             .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
         match raw {
@@ -300,7 +303,9 @@ async fn ship(
                     proto::write_frame(s, &Message::Idle { flushed: limit }, &[]).await?;
                     last_sent = Instant::now();
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // A bounded wait: `disconnected` and the heartbeat are
+                // checked at least this often.
+                let _ = tokio::time::timeout(Duration::from_millis(250), changed).await;
             }
         }
     }
