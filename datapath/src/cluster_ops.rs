@@ -712,6 +712,14 @@ impl Node {
                 Ok(end)
             };
             let outcome = result.and_then(|end| {
+                // The applier runs ahead of its persisted position
+                // (`written_back`): stop it first, so that the position
+                // compared with the fork is all the device holds.
+                if !deposed
+                    && let Some(rt) = res.secondary.lock().expect("secondary lock").take()
+                {
+                    rt.stop();
+                }
                 let applied = res.counters().written_back.load(Ordering::Acquire);
                 if end <= fork {
                     Ok(())

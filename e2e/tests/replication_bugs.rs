@@ -162,3 +162,89 @@ fn cluster_state_is_persisted_without_errors() {
         Ok(())
     });
 }
+
+/// Found by the chaos campaign (`e2e/chaos`, random seed 1): a secondary
+/// that learns of a forced failover while it applies records of the
+/// deposed history compared the fork point with its *persisted* applied
+/// position, which trails what the applier has written by up to a persist
+/// interval; seeing it at or below the fork it truncated its log "before
+/// applying" although its device already held records past the fork.
+/// Stopping the applier persisted the true position (past the new log
+/// end): the replica said UpToDate in the new generation with deposed data
+/// on its device, never reported split brain and never converged ("log
+/// position 0 … is not available"). Fixed in cluster_ops.rs
+/// `follow_new_history` (stop the applier before reading its position).
+#[test]
+fn a_replica_applying_a_deposed_history_at_a_failover_reports_split_brain() {
+    let Some(mut c) = start_or_skip(&["a", "b", "c"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        const SIZE: u64 = 64 << 20;
+        c.create_resource("a", "r1", "64M")?;
+        for h in ["b", "c"] {
+            c.join_cluster(h, "a")?;
+            c.join_resource(h, "r1")?;
+        }
+        c.wait_ok("a", "r1", 30)?;
+        // b stays at the fork point; c fetches 48 MiB past it without applying.
+        c.host("b").marsadm_ok(&["pause-fetch", "r1"])?;
+        c.host("c").marsadm_ok(&["pause-replay", "r1"])?;
+        let mut nbd = c.host("a").nbd("r1")?;
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        for i in 0..48u64 {
+            nbd.write(i << 20, &chunk, false)?;
+        }
+        nbd.flush()?;
+        let end = c.host("a").resource("r1")?["log"]["appended"].clone();
+        wait_for(
+            "c fetched a's whole log",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || Ok((c.host("c").resource("r1")?["log"]["fetched"] == end).then_some(())),
+        )?;
+        // b cannot reach a any more: it may take over by force.
+        c.cut_between("a", "b")?;
+        wait_for(
+            "b sees a unreachable",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || Ok((c.host("b").replica("r1", "a")?["connected"] == false).then_some(())),
+        )?;
+        // c applies the deposed records while it learns of the new primary.
+        c.host("c").marsadm_ok(&["resume-replay", "r1"])?;
+        c.host("b").marsadm_ok(&["primary", "r1", "--force"])?;
+        let reported = wait_for(
+            "c reports split brain",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || Ok((c.host("c").resource("r1")?["split_brain"] == true).then_some(())),
+        );
+        let v = c.host("c").resource("r1")?;
+        ensure!(
+            reported.is_ok(),
+            "c applied records of a's deposed history but reports no split brain: {v:#}"
+        );
+        // Resolution: both a and c resync from b and end identical to it.
+        c.restore_between("a", "b")?;
+        for h in ["a", "c"] {
+            wait_for(
+                &format!("{h} split brain"),
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                || Ok((c.host(h).resource("r1")?["split_brain"] == true).then_some(())),
+            )?;
+            c.host(h).marsadm_ok(&["invalidate", "r1"])?;
+        }
+        c.wait_ok("b", "r1", 60)?;
+        let dev = c.device("b", "r1", SIZE)?;
+        for h in ["a", "c"] {
+            mars_e2e::check::same(
+                &format!("{h}'s backing file against b's device"),
+                &dev,
+                &c.backing(h, "r1", SIZE)?,
+            )?;
+        }
+        Ok(())
+    });
+}
