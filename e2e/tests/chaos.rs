@@ -61,6 +61,11 @@ fn promote_while_the_old_primary_keeps_writing_then_resolve() {
     run(Scenario::PromoteWhileWriting, 6, 0);
 }
 
+#[test]
+fn delete_and_recreate_while_a_replica_is_offline_never_resurrects_old_data() {
+    run(Scenario::Recreate, 7, 0);
+}
+
 /// One run as `e2e/chaos/run` asks for it: `MARS_CHAOS_SCENARIO`,
 /// `MARS_SEED` (else fresh), `MARS_CHAOS_STEPS`.
 #[test]

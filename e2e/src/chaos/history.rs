@@ -288,7 +288,7 @@ impl History {
                     };
                     if w.divergent {
                         v.push(format!(
-                            "(3) {what}: block {b} holds write {id}, written on {} in epoch {} and cut off by a forced failover (divergent tail)",
+                            "(3) {what}: block {b} holds write {id}, written on {} in epoch {} and not in the surviving history (a deposed primary's divergent tail, or a deleted incarnation of the resource)",
                             w.host, w.epoch
                         ));
                         pos.push(None);

@@ -384,6 +384,22 @@ impl<'c> Campaign<'c> {
                 self.paused.remove(&h);
                 self.left.insert(h, rejoin.max(1));
             }
+            Step::LeaveHost { host, rejoin } => {
+                let h = hostname(host);
+                if h == self.primary || !self.replicas.contains(&h) || self.down.contains_key(&h) {
+                    return Ok(false);
+                }
+                let out = self.c.host(&h).marsadm(&["leave-resource", R])?;
+                if !out.status.success() {
+                    self.log(format!("leave-resource on {h} refused: {}", stderr(&out)));
+                    return Ok(false);
+                }
+                self.log(format!("{h} left {R}, rejoins in {rejoin} steps"));
+                self.replicas.remove(&h);
+                self.paused.remove(&h);
+                self.left.insert(h, rejoin.max(1));
+            }
+            Step::Recreate => return self.recreate(),
             Step::Join { host, kill_ms } => {
                 let h = hostname(host);
                 if self.replicas.contains(&h) || self.down.contains_key(&h) {
@@ -416,6 +432,15 @@ impl<'c> Campaign<'c> {
                 } else {
                     self.paused.remove(&h);
                 }
+            }
+            Step::Invalidate { host } => {
+                let h = hostname(host);
+                if h == self.primary || !self.replicas.contains(&h) || self.down.contains_key(&h) {
+                    return Ok(false);
+                }
+                let out = self.c.host(&h).marsadm(&["invalidate", R])?;
+                self.log(format!("invalidate on {h}: {}", outcome(&out)));
+                self.report.invalidations += 1;
             }
             Step::Heal => self.heal()?,
             Step::Quiesce => self.quiesce()?,
@@ -609,6 +634,38 @@ impl<'c> Campaign<'c> {
             ));
         }
         self.resolve_split_brains()?;
+        Ok(true)
+    }
+
+    /// Deletes the resource on the primary and creates it again (same name,
+    /// same path, a fresh all-zero file): every write so far leaves the
+    /// history, as after a fork at zeros, and must never show up again.
+    fn recreate(&mut self) -> Result<bool> {
+        self.stop_writers()?;
+        let p = self.primary.clone();
+        let out = self.c.host(&p).marsadm(&["delete-resource", R])?;
+        if !out.status.success() {
+            self.log(format!("delete-resource on {p} refused: {}", stderr(&out)));
+            return Ok(false);
+        }
+        let path = self.c.host(&p).path(&format!("{R}.img"));
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        self.c
+            .create_resource(&p, R, &format!("{}M", self.cfg.size_mib))?;
+        let zeros = vec![0u8; self.size() as usize];
+        let (fork, v) = self
+            .hist
+            .lock()
+            .expect("history lock")
+            .fork(&zeros, "the re-created resource");
+        for x in v {
+            self.violation(x);
+        }
+        self.log(format!(
+            "{R} deleted and re-created on {p}: {} writes of the old incarnation must never show up again",
+            fork.divergent
+        ));
+        self.replicas = [p].into_iter().collect();
         Ok(true)
     }
 

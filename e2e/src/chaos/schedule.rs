@@ -53,6 +53,12 @@ pub enum Step {
     },
     /// `leave-resource` on a secondary; it joins again after `rejoin` steps.
     Leave { pick: u8, rejoin: u8 },
+    /// `leave-resource` on host `host` (by index), rejoining after `rejoin` steps.
+    LeaveHost { host: u8, rejoin: u8 },
+    /// Stop the writers, `delete-resource` on the primary (refused while
+    /// other replicas exist), remove its backing file and create the
+    /// resource again under the same name: a new, all-zero history.
+    Recreate,
     /// `join-resource` of a host that is no replica (by index); with
     /// `kill_ms`, `kill -9` it that many ms into its full sync.
     Join { host: u8, kill_ms: Option<u64> },
@@ -62,6 +68,8 @@ pub enum Step {
     LogDelete,
     /// `pause-fetch`/`resume-fetch` on a host by index.
     Fetch { host: u8, pause: bool },
+    /// `invalidate` on host `host` (by index): discard its log, full sync.
+    Invalidate { host: u8 },
     /// Undo every network fault, start every host that is down.
     Heal,
     /// Stop the writers, heal, and wait until every replica is identical
@@ -89,11 +97,13 @@ impl Step {
             Step::Rate { .. } => "rate limit",
             Step::Handover { .. } => "handover",
             Step::Failover { .. } => "forced failover",
-            Step::Leave { .. } => "leave-resource",
+            Step::Leave { .. } | Step::LeaveHost { .. } => "leave-resource",
+            Step::Recreate => "delete + re-create",
             Step::Join { .. } => "join-resource",
             Step::LogRotate { .. } => "log-rotate",
             Step::LogDelete => "log-delete",
             Step::Fetch { .. } => "pause/resume-fetch",
+            Step::Invalidate { .. } => "invalidate",
             Step::Heal => "heal",
             Step::Quiesce => "quiesce",
         }
@@ -116,15 +126,20 @@ pub enum Scenario {
     /// Promote a secondary while the old primary keeps writing, then
     /// resolve (rbd-mirror split brain).
     PromoteWhileWriting,
+    /// Delete and re-create a resource of the same name while a replica
+    /// that held it is offline: its old data never comes back
+    /// (linstor-server#133).
+    Recreate,
 }
 
-pub const SCENARIOS: [(&str, Scenario); 6] = [
+pub const SCENARIOS: [(&str, Scenario); 7] = [
     ("random", Scenario::Random),
     ("rejoin", Scenario::Rejoin),
     ("stale-source", Scenario::StaleSource),
     ("grow", Scenario::Grow),
     ("two-down", Scenario::TwoDown),
     ("promote-while-writing", Scenario::PromoteWhileWriting),
+    ("recreate", Scenario::Recreate),
 ];
 
 impl Scenario {
@@ -144,7 +159,6 @@ impl Scenario {
     pub fn initial_replicas(self) -> &'static [u8] {
         match self {
             Scenario::Grow => &[0],
-            Scenario::StaleSource => &[0, 1],
             _ => &[0, 1, 2],
         }
     }
@@ -176,24 +190,29 @@ pub fn schedule(scenario: Scenario, seed: u64, steps: usize, nft: bool) -> Vec<S
             s
         }
         Scenario::StaleSource => vec![
-            // b goes stale (paused), c joins while it cannot reach a:
-            // its only source is the stale b.
+            // b goes stale (fetch paused); c resyncs (invalidate) over a
+            // slow link and is cut off from a in the middle of it: the
+            // stale b is the only replica it reaches.
             run(&mut rng, 500, 1000),
             Step::Fetch {
                 host: 1,
                 pause: true,
             },
             run(&mut rng, 1500, 3000),
+            Step::Rate {
+                pick: 2,
+                kbit: 16_000,
+                steps: 6,
+            },
+            Step::Invalidate { host: 2 },
+            run(&mut rng, 500, 2500),
             Step::CutBetween {
                 x: 0,
                 y: 2,
-                steps: 3,
+                steps: 4,
             },
-            Step::Join {
-                host: 2,
-                kill_ms: None,
-            },
-            run(&mut rng, 2000, 3000),
+            run(&mut rng, 1500, 2500),
+            run(&mut rng, 1000, 2000),
             run(&mut rng, 1000, 2000),
             Step::Fetch {
                 host: 1,
@@ -232,6 +251,20 @@ pub fn schedule(scenario: Scenario, seed: u64, steps: usize, nft: bool) -> Vec<S
             Step::LogRotate { kill: false },
             run(&mut rng, 2000, 3000),
             run(&mut rng, 500, 1000),
+            Step::Quiesce,
+        ],
+        Scenario::Recreate => vec![
+            run(&mut rng, 1000, 2000),
+            // b leaves and goes offline with the old data on its disk.
+            Step::LeaveHost { host: 1, rejoin: 5 },
+            Step::KillHost { host: 1, down: 3 },
+            Step::LeaveHost { host: 2, rejoin: 3 },
+            Step::Recreate,
+            run(&mut rng, 1000, 2000),
+            // b comes back (step 5), both rejoin the new resource (step 6).
+            run(&mut rng, 500, 1500),
+            run(&mut rng, 1000, 2000),
+            run(&mut rng, 1000, 2000),
             Step::Quiesce,
         ],
         Scenario::PromoteWhileWriting => vec![
