@@ -245,6 +245,9 @@ impl Node {
                 self.name()
             )));
         }
+        // Before the runtime is taken: the reconcile loop must not start a
+        // new one on the directory removed below.
+        res.retired.store(true, Ordering::Release);
         if let Some(rt) = res.secondary.lock().expect("secondary lock").take() {
             rt.stop();
         }
@@ -316,6 +319,7 @@ impl Node {
                 }
                 let mut rt = res.secondary.lock().expect("secondary lock");
                 if rt.is_none()
+                    && !res.retired.load(Ordering::Acquire)
                     && !meta.split_brain
                     && meta.disk_state != resource::DiskState::Outdated
                     && rstate
@@ -834,7 +838,7 @@ impl Node {
     /// Starts the fetcher and applier of a secondary unless they run.
     fn ensure_secondary_runtime(&self, res: &Arc<Resource>) {
         let mut rt = res.secondary.lock().expect("secondary lock");
-        if rt.is_none() {
+        if rt.is_none() && !res.retired.load(Ordering::Acquire) {
             *rt = Some(secondary::Runtime::start(
                 Arc::clone(res),
                 Arc::clone(&self.cluster),

@@ -233,6 +233,9 @@ pub struct Resource {
     pub(crate) apply_lock: Mutex<()>,
     /// A background role action (demotion, truncation) is under way.
     pub(crate) acting: std::sync::atomic::AtomicBool,
+    /// The resource leaves this node or marsd stops: no secondary runtime
+    /// may start any more (checked under the `secondary` lock).
+    pub(crate) retired: std::sync::atomic::AtomicBool,
 }
 
 impl Resource {
@@ -414,6 +417,7 @@ impl Resource {
             sync_progress: Mutex::new(None),
             apply_lock: Mutex::new(()),
             acting: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
         });
         res.replay()?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {
@@ -824,9 +828,11 @@ impl Resource {
     /// Stops I/O for a daemon shutdown, writing back what fits before the
     /// deadline (the rest stays in the log). The role stays as it is.
     pub fn shutdown(&self, deadline: Instant) {
+        self.retired.store(true, Ordering::Release);
         let _changing = self.role_change.lock().expect("role lock");
-        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
-            rt.stop();
+        let rt = self.secondary.lock().expect("secondary lock").take();
+        if let Some(rt) = rt {
+            rt.stop_and_wait();
         }
         let logger = self.state.lock().expect("state lock").logger.take();
         if let Some(l) = logger {

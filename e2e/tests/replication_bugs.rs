@@ -248,3 +248,61 @@ fn a_replica_applying_a_deposed_history_at_a_failover_reports_split_brain() {
         Ok(())
     });
 }
+
+/// Found by the chaos campaign (`e2e/chaos`, random seed 1): the reconcile
+/// loop could start a secondary runtime (fetcher + applier) on a resource
+/// between the moment `leave-resource` or a shutdown had stopped its
+/// runtime and the moment the resource left the node's table. After a
+/// leave that orphan ran on the removed directory ("log position 0 … is
+/// not available", for ever, and with the backing file it would write to
+/// handed back to the operator); after SIGTERM it was still polling when
+/// the runtime went down and panicked ("A Tokio 1.x context was found, but
+/// it is being shutdown"). Fixed by `Resource::retired` (set before the
+/// runtime is taken, checked under the runtime lock where one starts).
+/// The window is narrow: the test repeats join/SIGTERM and join/leave.
+#[test]
+fn no_secondary_runtime_outlives_leave_resource_or_sigterm() {
+    let Some(mut c) = start_or_skip(&["a", "b"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        c.join_cluster("b", "a")?;
+        let w = RandomWriter::start(
+            c.host("a").nbd("r1")?,
+            vec![0; 16 << 20],
+            RandomOpts {
+                seed: seed(),
+                ..Default::default()
+            },
+        );
+        for _ in 0..6 {
+            c.join_resource("b", "r1")?;
+            let status = c.host_mut("b").term()?;
+            ensure!(
+                status.success(),
+                "marsd on b exited with {status} on SIGTERM"
+            );
+            c.host_mut("b").start()?;
+            c.host("b").marsadm_ok(&["leave-resource", "r1"])?;
+        }
+        // An orphaned applier retries every second: give it the chance.
+        std::thread::sleep(Duration::from_millis(2500));
+        let (nbd, _) = w.stop()?;
+        nbd.disconnect()?;
+        let b = c.host("b").stderr();
+        let after_last_leave = b.rsplit("left resource").next().unwrap_or("");
+        let orphans: Vec<&str> = after_last_leave
+            .lines()
+            .filter(|l| l.contains("r1") && (l.contains("applying") || l.contains("fetch")))
+            .collect();
+        let panics = c.log_lines("panicked");
+        ensure!(
+            orphans.is_empty() && panics.is_empty(),
+            "a secondary runtime outlived leave-resource or SIGTERM on b:\n{}\n{}",
+            orphans.join("\n"),
+            panics.join("\n")
+        );
+        Ok(())
+    });
+}
