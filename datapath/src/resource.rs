@@ -763,10 +763,14 @@ impl Resource {
     /// any split brain. The device keeps its data: the fast full sync sends
     /// only chunks that differ.
     pub(crate) fn reset_for_full_sync(&self, start_pos: u64, generation: u64) -> Result<()> {
-        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+        let _changing = self.role_change.lock().expect("role lock");
+        // Held until the full sync is recorded: a runtime the reconcile loop
+        // started in between would have no full sync, and its applier would
+        // wait for one for ever (Inconsistent for good).
+        let mut runtime = self.secondary.lock().expect("secondary lock");
+        if let Some(rt) = runtime.take() {
             rt.stop();
         }
-        let _changing = self.role_change.lock().expect("role lock");
         if self.logger().is_some() {
             return Err(Error::Cluster(format!(
                 "{} is primary here: invalidate needs a secondary",

@@ -306,3 +306,45 @@ fn no_secondary_runtime_outlives_leave_resource_or_sigterm() {
         Ok(())
     });
 }
+
+/// Found by the chaos campaign (`e2e/chaos`, scenario stale-source, seed
+/// 3): `invalidate` stopped the replica's runtime, reset its log and only
+/// then recorded the pending full sync; the reconcile loop could start a
+/// runtime in between, without a full sync, and `invalidate` then found
+/// one running and started none. Its applier waited for a full sync that
+/// never came: Inconsistent for good, no error. Fixed in resource.rs
+/// `reset_for_full_sync` (the runtime lock is held until the sync is
+/// recorded). The window is narrow: the test invalidates repeatedly under
+/// writes (which wake the reconcile loop often).
+#[test]
+fn invalidate_under_writes_always_ends_uptodate() {
+    let Some(mut c) = start_or_skip(&["a", "b"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        c.join_cluster("b", "a")?;
+        c.join_resource("b", "r1")?;
+        c.wait_ok("a", "r1", 30)?;
+        let w = RandomWriter::start(
+            c.host("a").nbd("r1")?,
+            vec![0; 16 << 20],
+            RandomOpts {
+                seed: seed(),
+                ..Default::default()
+            },
+        );
+        for i in 0..10 {
+            c.host("b").marsadm_ok(&["invalidate", "r1"])?;
+            wait_for(
+                &format!("b UpToDate after invalidate #{i}"),
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                || Ok((c.host("b").resource("r1")?["disk_state"] == "UpToDate").then_some(())),
+            )?;
+        }
+        let (nbd, _) = w.stop()?;
+        nbd.disconnect()?;
+        Ok(())
+    });
+}
