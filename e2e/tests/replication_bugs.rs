@@ -1,6 +1,7 @@
 //! Bugs this tier found in marsd/marsadm, one test each, named for the
 //! behaviour that should hold; the comment on each test gives the cause.
-//! All of them are fixed now; each test guards its fix.
+//! All of them are fixed now and each test guards its fix, except the one
+//! marked OPEN (`#[ignore]`d).
 //! (This target sorts after `replication`, so a failure here does not keep
 //! `cargo test -p mars-e2e` from running the replication tests first.)
 //!
@@ -9,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
+use mars_e2e::cluster::{Options, start_with_or_skip};
 use mars_e2e::cmd::wait_for;
 use mars_e2e::workload::{RandomOpts, RandomWriter, seed};
 use mars_e2e::{run, start_or_skip};
@@ -345,6 +347,71 @@ fn invalidate_under_writes_always_ends_uptodate() {
         }
         let (nbd, _) = w.stop()?;
         nbd.disconnect()?;
+        Ok(())
+    });
+}
+
+/// OPEN (not fixed; ignored so that the suite stays green). Found by the
+/// chaos campaign (`e2e/chaos`, random seeds 21 and 23): a secondary
+/// deletes its logfiles as soon as it has applied them (secondary.rs
+/// `persist_loop`), so after a planned handover the new primary no longer
+/// has the log a lagging replica still needs. That replica is refused for
+/// good ("log position … is not available on b"), yet stays UpToDate,
+/// never resyncs, and a handover to it (`marsadm primary`) waits for ever.
+/// Design invariant 6: a logfile goes only when every replica has applied
+/// it. Giving secondaries the primary's delete floor (the lowest applied
+/// position of the other replicas) fixes this test, but then a replica cut
+/// off during a handover keeps fetching the new history through the old
+/// primary and does not learn the new primary within roles.rs
+/// `handover_under_load_loses_no_completed_write` (2 of 3 runs failed),
+/// so that change was not committed. Run with `--ignored`.
+#[test]
+#[ignore = "open bug: secondaries delete logfiles lagging replicas need (see comment)"]
+fn a_lagging_replica_catches_up_from_a_new_primary_after_a_handover() {
+    let opts = Options {
+        marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let Some(mut c) = start_with_or_skip(&["a", "b", "c"], opts) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        for h in ["b", "c"] {
+            c.join_cluster(h, "a")?;
+            c.join_resource(h, "r1")?;
+        }
+        c.wait_ok("a", "r1", 30)?;
+        // c lags; b applies (and used to delete) many 1 MiB logfiles.
+        c.host("c").marsadm_ok(&["pause-fetch", "r1"])?;
+        let w = RandomWriter::start(
+            c.host("a").nbd("r1")?,
+            vec![0; 16 << 20],
+            RandomOpts {
+                seed: seed(),
+                ..Default::default()
+            },
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        let (nbd, model) = w.stop()?;
+        nbd.disconnect()?;
+        c.host("b").marsadm_ok(&["primary", "r1"])?;
+        c.host("c").marsadm_ok(&["resume-fetch", "r1"])?;
+        let caught_up = wait_for(
+            "c applies b's whole log",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || {
+                let end = c.host("b").resource("r1")?["log"]["appended"].clone();
+                Ok((c.host("c").resource("r1")?["log"]["applied"] == end).then_some(()))
+            },
+        );
+        let v = c.host("c").resource("r1")?;
+        ensure!(
+            caught_up.is_ok(),
+            "c never caught up after the handover: {v:#}"
+        );
+        mars_e2e::check::same("c's backing file", &model, &c.backing("c", "r1", 16 << 20)?)?;
         Ok(())
     });
 }
