@@ -320,6 +320,7 @@ impl Node {
                 let mut rt = res.secondary.lock().expect("secondary lock");
                 if rt.is_none()
                     && !res.retired.load(Ordering::Acquire)
+                    && res.logger().is_none()
                     && !meta.split_brain
                     && meta.disk_state != resource::DiskState::Outdated
                     && rstate
@@ -838,7 +839,7 @@ impl Node {
     /// Starts the fetcher and applier of a secondary unless they run.
     fn ensure_secondary_runtime(&self, res: &Arc<Resource>) {
         let mut rt = res.secondary.lock().expect("secondary lock");
-        if rt.is_none() && !res.retired.load(Ordering::Acquire) {
+        if rt.is_none() && !res.retired.load(Ordering::Acquire) && res.logger().is_none() {
             *rt = Some(secondary::Runtime::start(
                 Arc::clone(res),
                 Arc::clone(&self.cluster),

@@ -633,8 +633,12 @@ impl Resource {
             )));
         }
         // A secondary stops fetching and applying first: the device must
-        // hold everything up to the end of the local log.
-        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+        // hold everything up to the end of the local log. The runtime lock
+        // is held until the logger runs: a runtime the reconcile loop
+        // started in between would apply this node's own log under the
+        // logger and delete logfiles the other replicas still need.
+        let mut runtime = self.secondary.lock().expect("secondary lock");
+        if let Some(rt) = runtime.take() {
             rt.stop();
         }
         self.repl_error.lock().expect("error lock").take();
