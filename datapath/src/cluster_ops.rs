@@ -245,6 +245,9 @@ impl Node {
                 self.name()
             )));
         }
+        // Before the runtime is taken: the reconcile loop must not start a
+        // new one on the directory removed below.
+        res.retired.store(true, Ordering::Release);
         if let Some(rt) = res.secondary.lock().expect("secondary lock").take() {
             rt.stop();
         }
@@ -316,6 +319,8 @@ impl Node {
                 }
                 let mut rt = res.secondary.lock().expect("secondary lock");
                 if rt.is_none()
+                    && !res.retired.load(Ordering::Acquire)
+                    && res.logger().is_none()
                     && !meta.split_brain
                     && meta.disk_state != resource::DiskState::Outdated
                     && rstate
@@ -712,6 +717,14 @@ impl Node {
                 Ok(end)
             };
             let outcome = result.and_then(|end| {
+                // The applier runs ahead of its persisted position
+                // (`written_back`): stop it first, so that the position
+                // compared with the fork is all the device holds.
+                if !deposed
+                    && let Some(rt) = res.secondary.lock().expect("secondary lock").take()
+                {
+                    rt.stop();
+                }
                 let applied = res.counters().written_back.load(Ordering::Acquire);
                 if end <= fork {
                     Ok(())
@@ -826,7 +839,7 @@ impl Node {
     /// Starts the fetcher and applier of a secondary unless they run.
     fn ensure_secondary_runtime(&self, res: &Arc<Resource>) {
         let mut rt = res.secondary.lock().expect("secondary lock");
-        if rt.is_none() {
+        if rt.is_none() && !res.retired.load(Ordering::Acquire) && res.logger().is_none() {
             *rt = Some(secondary::Runtime::start(
                 Arc::clone(res),
                 Arc::clone(&self.cluster),

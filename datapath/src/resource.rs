@@ -233,6 +233,9 @@ pub struct Resource {
     pub(crate) apply_lock: Mutex<()>,
     /// A background role action (demotion, truncation) is under way.
     pub(crate) acting: std::sync::atomic::AtomicBool,
+    /// The resource leaves this node or marsd stops: no secondary runtime
+    /// may start any more (checked under the `secondary` lock).
+    pub(crate) retired: std::sync::atomic::AtomicBool,
 }
 
 impl Resource {
@@ -439,6 +442,7 @@ impl Resource {
             sync_progress: Mutex::new(None),
             apply_lock: Mutex::new(()),
             acting: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
         });
         res.replay()?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {
@@ -654,8 +658,12 @@ impl Resource {
             )));
         }
         // A secondary stops fetching and applying first: the device must
-        // hold everything up to the end of the local log.
-        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+        // hold everything up to the end of the local log. The runtime lock
+        // is held until the logger runs: a runtime the reconcile loop
+        // started in between would apply this node's own log under the
+        // logger and delete logfiles the other replicas still need.
+        let mut runtime = self.secondary.lock().expect("secondary lock");
+        if let Some(rt) = runtime.take() {
             rt.stop();
         }
         self.repl_error.lock().expect("error lock").take();
@@ -784,10 +792,14 @@ impl Resource {
     /// any split brain. The device keeps its data: the fast full sync sends
     /// only chunks that differ.
     pub(crate) fn reset_for_full_sync(&self, start_pos: u64, generation: u64) -> Result<()> {
-        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
+        let _changing = self.role_change.lock().expect("role lock");
+        // Held until the full sync is recorded: a runtime the reconcile loop
+        // started in between would have no full sync, and its applier would
+        // wait for one for ever (Inconsistent for good).
+        let mut runtime = self.secondary.lock().expect("secondary lock");
+        if let Some(rt) = runtime.take() {
             rt.stop();
         }
-        let _changing = self.role_change.lock().expect("role lock");
         if self.logger().is_some() {
             return Err(Error::Cluster(format!(
                 "{} is primary here: invalidate needs a secondary",
@@ -849,9 +861,11 @@ impl Resource {
     /// Stops I/O for a daemon shutdown, writing back what fits before the
     /// deadline (the rest stays in the log). The role stays as it is.
     pub fn shutdown(&self, deadline: Instant) {
+        self.retired.store(true, Ordering::Release);
         let _changing = self.role_change.lock().expect("role lock");
-        if let Some(rt) = self.secondary.lock().expect("secondary lock").take() {
-            rt.stop();
+        let rt = self.secondary.lock().expect("secondary lock").take();
+        if let Some(rt) = rt {
+            rt.stop_and_wait();
         }
         let logger = self.state.lock().expect("state lock").logger.take();
         if let Some(l) = logger {

@@ -66,6 +66,32 @@ impl Runtime {
         self.fetcher.take()
     }
 
+    /// Like [`Runtime::stop`], and waits (up to 5 s) until the aborted
+    /// fetcher and full sync have ended: an abort takes effect at the
+    /// task's next await, and one inside `block_in_place` when marsd's tokio
+    /// runtime goes down goes on to a timer and panics. For the daemon's
+    /// shutdown; call from a blocking thread (`spawn_blocking`), never from
+    /// a task.
+    pub fn stop_and_wait(mut self) {
+        let tasks: Vec<_> = self
+            .fetcher
+            .take()
+            .into_iter()
+            .chain(self.fullsync.take())
+            .collect();
+        for t in &tasks {
+            t.abort();
+        }
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.block_on(async {
+                for t in tasks {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+                }
+            });
+        }
+        self.stop();
+    }
+
     /// Stops everything; returns once no more byte is fetched or applied. Blocking.
     pub fn stop(mut self) {
         for t in self.fetcher.iter().chain(self.fullsync.iter()) {

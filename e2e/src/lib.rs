@@ -53,6 +53,7 @@
 //! deletes the namespaces of test processes that no longer exist.
 
 pub mod bins;
+pub mod chaos;
 pub mod check;
 pub mod cluster;
 pub mod cmd;

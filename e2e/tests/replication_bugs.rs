@@ -1,6 +1,7 @@
 //! Bugs this tier found in marsd/marsadm, one test each, named for the
 //! behaviour that should hold; the comment on each test gives the cause.
-//! All of them are fixed now; each test guards its fix.
+//! All of them are fixed now and each test guards its fix, except the one
+//! marked OPEN (`#[ignore]`d).
 //! (This target sorts after `replication`, so a failure here does not keep
 //! `cargo test -p mars-e2e` from running the replication tests first.)
 //!
@@ -9,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
+use mars_e2e::cluster::{Options, start_with_or_skip};
 use mars_e2e::cmd::wait_for;
 use mars_e2e::workload::{RandomOpts, RandomWriter, seed};
 use mars_e2e::{run, start_or_skip};
@@ -159,6 +161,340 @@ fn cluster_state_is_persisted_without_errors() {
             "concurrent persists of cluster.json collided:\n{}",
             failed.join("\n")
         );
+        Ok(())
+    });
+}
+
+/// Found by the chaos campaign (`e2e/chaos`, random seed 1): a secondary
+/// that learns of a forced failover while it applies records of the
+/// deposed history compared the fork point with its *persisted* applied
+/// position, which trails what the applier has written by up to a persist
+/// interval; seeing it at or below the fork it truncated its log "before
+/// applying" although its device already held records past the fork.
+/// Stopping the applier persisted the true position (past the new log
+/// end): the replica said UpToDate in the new generation with deposed data
+/// on its device, never reported split brain and never converged ("log
+/// position 0 … is not available"). Fixed in cluster_ops.rs
+/// `follow_new_history` (stop the applier before reading its position).
+#[test]
+fn a_replica_applying_a_deposed_history_at_a_failover_reports_split_brain() {
+    let Some(mut c) = start_or_skip(&["a", "b", "c"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        const SIZE: u64 = 64 << 20;
+        c.create_resource("a", "r1", "64M")?;
+        for h in ["b", "c"] {
+            c.join_cluster(h, "a")?;
+            c.join_resource(h, "r1")?;
+        }
+        c.wait_ok("a", "r1", 30)?;
+        // b stays at the fork point; c fetches 48 MiB past it without applying.
+        c.host("b").marsadm_ok(&["pause-fetch", "r1"])?;
+        c.host("c").marsadm_ok(&["pause-replay", "r1"])?;
+        let mut nbd = c.host("a").nbd("r1")?;
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        for i in 0..48u64 {
+            nbd.write(i << 20, &chunk, false)?;
+        }
+        nbd.flush()?;
+        let end = c.host("a").resource("r1")?["log"]["appended"].clone();
+        wait_for(
+            "c fetched a's whole log",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || Ok((c.host("c").resource("r1")?["log"]["fetched"] == end).then_some(())),
+        )?;
+        // b cannot reach a any more: it may take over by force.
+        c.cut_between("a", "b")?;
+        wait_for(
+            "b sees a unreachable",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || Ok((c.host("b").replica("r1", "a")?["connected"] == false).then_some(())),
+        )?;
+        // c applies the deposed records while it learns of the new primary.
+        c.host("c").marsadm_ok(&["resume-replay", "r1"])?;
+        c.host("b").marsadm_ok(&["primary", "r1", "--force"])?;
+        let reported = wait_for(
+            "c reports split brain",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || Ok((c.host("c").resource("r1")?["split_brain"] == true).then_some(())),
+        );
+        let v = c.host("c").resource("r1")?;
+        ensure!(
+            reported.is_ok(),
+            "c applied records of a's deposed history but reports no split brain: {v:#}"
+        );
+        // Resolution: both a and c resync from b and end identical to it.
+        c.restore_between("a", "b")?;
+        for h in ["a", "c"] {
+            wait_for(
+                &format!("{h} split brain"),
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                || Ok((c.host(h).resource("r1")?["split_brain"] == true).then_some(())),
+            )?;
+            c.host(h).marsadm_ok(&["invalidate", "r1"])?;
+        }
+        c.wait_ok("b", "r1", 60)?;
+        let dev = c.device("b", "r1", SIZE)?;
+        for h in ["a", "c"] {
+            mars_e2e::check::same(
+                &format!("{h}'s backing file against b's device"),
+                &dev,
+                &c.backing(h, "r1", SIZE)?,
+            )?;
+        }
+        Ok(())
+    });
+}
+
+/// Found by the chaos campaign (`e2e/chaos`, random seed 1): the reconcile
+/// loop could start a secondary runtime (fetcher + applier) on a resource
+/// between the moment `leave-resource` or a shutdown had stopped its
+/// runtime and the moment the resource left the node's table. After a
+/// leave that orphan ran on the removed directory ("log position 0 … is
+/// not available", for ever, and with the backing file it would write to
+/// handed back to the operator); after SIGTERM it was still polling when
+/// the runtime went down and panicked ("A Tokio 1.x context was found, but
+/// it is being shutdown"). Fixed by `Resource::retired` (set before the
+/// runtime is taken, checked under the runtime lock where one starts).
+/// The window is narrow: the test repeats join/SIGTERM and join/leave.
+#[test]
+fn no_secondary_runtime_outlives_leave_resource_or_sigterm() {
+    let Some(mut c) = start_or_skip(&["a", "b"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        c.join_cluster("b", "a")?;
+        let w = RandomWriter::start(
+            c.host("a").nbd("r1")?,
+            vec![0; 16 << 20],
+            RandomOpts {
+                seed: seed(),
+                ..Default::default()
+            },
+        );
+        for _ in 0..6 {
+            c.join_resource("b", "r1")?;
+            let status = c.host_mut("b").term()?;
+            ensure!(
+                status.success(),
+                "marsd on b exited with {status} on SIGTERM"
+            );
+            c.host_mut("b").start()?;
+            c.host("b").marsadm_ok(&["leave-resource", "r1"])?;
+        }
+        // An orphaned applier retries every second: give it the chance.
+        std::thread::sleep(Duration::from_millis(2500));
+        let (nbd, _) = w.stop()?;
+        nbd.disconnect()?;
+        let b = c.host("b").stderr();
+        let after_last_leave = b.rsplit("left resource").next().unwrap_or("");
+        let orphans: Vec<&str> = after_last_leave
+            .lines()
+            .filter(|l| l.contains("r1") && (l.contains("applying") || l.contains("fetch")))
+            .collect();
+        let panics = c.log_lines("panicked");
+        ensure!(
+            orphans.is_empty() && panics.is_empty(),
+            "a secondary runtime outlived leave-resource or SIGTERM on b:\n{}\n{}",
+            orphans.join("\n"),
+            panics.join("\n")
+        );
+        Ok(())
+    });
+}
+
+/// Found by the chaos campaign (`e2e/chaos`, scenario stale-source, seed
+/// 3): `invalidate` stopped the replica's runtime, reset its log and only
+/// then recorded the pending full sync; the reconcile loop could start a
+/// runtime in between, without a full sync, and `invalidate` then found
+/// one running and started none. Its applier waited for a full sync that
+/// never came: Inconsistent for good, no error. Fixed in resource.rs
+/// `reset_for_full_sync` (the runtime lock is held until the sync is
+/// recorded). The window is narrow: the test invalidates repeatedly under
+/// writes (which wake the reconcile loop often).
+#[test]
+fn invalidate_under_writes_always_ends_uptodate() {
+    let Some(mut c) = start_or_skip(&["a", "b"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        c.join_cluster("b", "a")?;
+        c.join_resource("b", "r1")?;
+        c.wait_ok("a", "r1", 30)?;
+        let w = RandomWriter::start(
+            c.host("a").nbd("r1")?,
+            vec![0; 16 << 20],
+            RandomOpts {
+                seed: seed(),
+                ..Default::default()
+            },
+        );
+        for i in 0..10 {
+            c.host("b").marsadm_ok(&["invalidate", "r1"])?;
+            wait_for(
+                &format!("b UpToDate after invalidate #{i}"),
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                || Ok((c.host("b").resource("r1")?["disk_state"] == "UpToDate").then_some(())),
+            )?;
+        }
+        let (nbd, _) = w.stop()?;
+        nbd.disconnect()?;
+        Ok(())
+    });
+}
+
+/// OPEN (not fixed; ignored so that the suite stays green). Found by the
+/// chaos campaign (`e2e/chaos`, random seeds 21 and 23): a secondary
+/// deletes its logfiles as soon as it has applied them (secondary.rs
+/// `persist_loop`), so after a planned handover the new primary no longer
+/// has the log a lagging replica still needs. That replica is refused for
+/// good ("log position … is not available on b"), yet stays UpToDate,
+/// never resyncs, and a handover to it (`marsadm primary`) waits for ever.
+/// Design invariant 6: a logfile goes only when every replica has applied
+/// it. Giving secondaries the primary's delete floor (the lowest applied
+/// position of the other replicas) fixes this test, but then a replica cut
+/// off during a handover keeps fetching the new history through the old
+/// primary and does not learn the new primary within roles.rs
+/// `handover_under_load_loses_no_completed_write` (2 of 3 runs failed),
+/// so that change was not committed. Run with `--ignored`.
+#[test]
+#[ignore = "open bug: secondaries delete logfiles lagging replicas need (see comment)"]
+fn a_lagging_replica_catches_up_from_a_new_primary_after_a_handover() {
+    let opts = Options {
+        marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let Some(mut c) = start_with_or_skip(&["a", "b", "c"], opts) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        for h in ["b", "c"] {
+            c.join_cluster(h, "a")?;
+            c.join_resource(h, "r1")?;
+        }
+        c.wait_ok("a", "r1", 30)?;
+        // c lags; b applies (and used to delete) many 1 MiB logfiles.
+        c.host("c").marsadm_ok(&["pause-fetch", "r1"])?;
+        let w = RandomWriter::start(
+            c.host("a").nbd("r1")?,
+            vec![0; 16 << 20],
+            RandomOpts {
+                seed: seed(),
+                ..Default::default()
+            },
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        let (nbd, model) = w.stop()?;
+        nbd.disconnect()?;
+        c.host("b").marsadm_ok(&["primary", "r1"])?;
+        c.host("c").marsadm_ok(&["resume-fetch", "r1"])?;
+        let caught_up = wait_for(
+            "c applies b's whole log",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || {
+                let end = c.host("b").resource("r1")?["log"]["appended"].clone();
+                Ok((c.host("c").resource("r1")?["log"]["applied"] == end).then_some(()))
+            },
+        );
+        let v = c.host("c").resource("r1")?;
+        ensure!(
+            caught_up.is_ok(),
+            "c never caught up after the handover: {v:#}"
+        );
+        mars_e2e::check::same("c's backing file", &model, &c.backing("c", "r1", 16 << 20)?)?;
+        Ok(())
+    });
+}
+
+/// Found by the chaos campaign (`e2e/chaos`, random seed 31): `primary`
+/// (make_primary) stopped the secondary runtime, released its lock and
+/// only then started the logger; the reconcile loop could start a new
+/// secondary runtime in between (the cluster still named the old
+/// primary). On the new primary that runtime applied the node's own log
+/// under the logger and its persister deleted logfiles as soon as they
+/// were applied: a replica that fell behind after the handover was refused
+/// for good ("log position … was deleted on b: a full sync is needed").
+/// Seen in that run's log: fetcher messages on b after "became primary",
+/// then b deleting logfiles c still needed. Fixed in resource.rs
+/// `make_primary` (the runtime lock is held until the logger runs) and
+/// cluster_ops.rs (no runtime starts while a logger runs). The window is
+/// narrow (the stop of the old runtime): this test hands over back and
+/// forth under load, but it did not fail without the fix in 4 runs here;
+/// the campaign (`MARS_SEED=31 e2e/chaos/run --steps 80`) is the better
+/// reproducer.
+#[test]
+fn a_replica_behind_a_new_primary_catches_up() {
+    let opts = Options {
+        marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let Some(mut c) = start_with_or_skip(&["a", "b", "c"], opts) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        for h in ["b", "c"] {
+            c.join_cluster(h, "a")?;
+            c.join_resource(h, "r1")?;
+        }
+        c.wait_ok("a", "r1", 30)?;
+        let mut primary = "a";
+        for round in 0..4 {
+            let next = if primary == "a" { "b" } else { "a" };
+            // The new primary has a backlog to catch up during the
+            // handover (its applier busy, the reconcile loop woken often).
+            c.wait_ok(primary, "r1", 30)?;
+            c.rate_limit(next, "16mbit")?;
+            let w = RandomWriter::start(
+                c.host(primary).nbd("r1")?,
+                vec![0; 16 << 20],
+                RandomOpts {
+                    seed: seed() + 100 + round,
+                    ..Default::default()
+                },
+            );
+            std::thread::sleep(Duration::from_millis(1500));
+            c.clear_rate_limit(next)?;
+            c.host(next).marsadm_ok(&["primary", "r1"])?;
+            drop(w); // its connection fails with the handover
+            // c falls behind the new primary only now.
+            c.cut("c")?;
+            let w = RandomWriter::start(
+                c.host(next).nbd("r1")?,
+                vec![0; 16 << 20],
+                RandomOpts {
+                    seed: seed() + round,
+                    ..Default::default()
+                },
+            );
+            std::thread::sleep(Duration::from_millis(2500));
+            let (nbd, _) = w.stop()?;
+            nbd.disconnect()?;
+            c.restore("c")?;
+            let end = c.host(next).resource("r1")?["log"]["appended"].clone();
+            let caught_up = wait_for(
+                &format!("c catches up with {next} (round {round})"),
+                Duration::from_secs(30),
+                Duration::from_millis(200),
+                || Ok((c.host("c").resource("r1")?["log"]["applied"] == end).then_some(())),
+            );
+            let v = c.host("c").resource("r1")?;
+            ensure!(
+                caught_up.is_ok(),
+                "round {round}: c never caught up with the new primary {next}: {v:#}"
+            );
+            primary = next;
+        }
         Ok(())
     });
 }
