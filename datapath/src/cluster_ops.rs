@@ -291,6 +291,16 @@ impl Node {
             if primary_here {
                 self.keep_logs_for_replicas(&res, rstate, dropped);
             } else if meta.role == Role::Secondary {
+                // A secondary keeps the logfiles the other replicas still
+                // need too: after a handover it is the primary they fetch
+                // from (design invariant 6).
+                let need = rstate
+                    .into_iter()
+                    .flat_map(|r| r.replicas())
+                    .filter(|(n, _)| **n != self.cfg.node && !dropped.contains_key(*n))
+                    .map(|(_, i)| i.applied)
+                    .min();
+                res.set_delete_floor(need);
                 if let Some(size) = rstate.and_then(|r| r.config()).map(|c| c.size)
                     && size > meta.size
                     && let Err(e) = res.update_meta(|m| m.size = size)

@@ -163,7 +163,10 @@ fn persist_loop(
                     .written_back
                     .fetch_max(pos.pos, Ordering::AcqRel);
                 cluster.progress.notify_one();
-                match res.store().delete_before(pos.pos) {
+                // Not beyond what the other replicas still need (the
+                // reconcile loop sets the floor).
+                let floor = res.counters().delete_floor.load(Ordering::Acquire);
+                match res.store().delete_before(pos.pos.min(floor)) {
                     Ok(freed) => res.quota().release(freed),
                     Err(e) => {
                         tracing::warn!(resource = %name, error = %e, "deleting applied logfiles failed")

@@ -1,7 +1,6 @@
 //! Bugs this tier found in marsd/marsadm, one test each, named for the
 //! behaviour that should hold; the comment on each test gives the cause.
-//! All of them are fixed now and each test guards its fix, except the one
-//! marked OPEN (`#[ignore]`d).
+//! All of them are fixed now; each test guards its fix.
 //! (This target sorts after `replication`, so a failure here does not keep
 //! `cargo test -p mars-e2e` from running the replication tests first.)
 //!
@@ -351,22 +350,20 @@ fn invalidate_under_writes_always_ends_uptodate() {
     });
 }
 
-/// OPEN (not fixed; ignored so that the suite stays green). Found by the
-/// chaos campaign (`e2e/chaos`, random seeds 21 and 23): a secondary
-/// deletes its logfiles as soon as it has applied them (secondary.rs
-/// `persist_loop`), so after a planned handover the new primary no longer
-/// has the log a lagging replica still needs. That replica is refused for
-/// good ("log position … is not available on b"), yet stays UpToDate,
-/// never resyncs, and a handover to it (`marsadm primary`) waits for ever.
-/// Design invariant 6: a logfile goes only when every replica has applied
-/// it. Giving secondaries the primary's delete floor (the lowest applied
-/// position of the other replicas) fixes this test, but then a replica cut
-/// off during a handover keeps fetching the new history through the old
-/// primary and does not learn the new primary within roles.rs
-/// `handover_under_load_loses_no_completed_write` (2 of 3 runs failed),
-/// so that change was not committed. Run with `--ignored`.
+/// Found by the chaos campaign (`e2e/chaos`, random seeds 21 and 23): a
+/// secondary deleted its logfiles as soon as it had applied them
+/// (secondary.rs `persist_loop`), so after a planned handover the new
+/// primary no longer had the log a lagging replica still needed. That
+/// replica was refused for good ("log position … is not available on b"),
+/// yet stayed UpToDate, never resynced, and a handover to it
+/// (`marsadm primary`) waited for ever. Design invariant 6: a logfile goes
+/// only when every replica has applied it. Fixed: the reconcile loop gives
+/// secondaries the primary's delete floor (the lowest applied position of
+/// the other replicas not given up) and the persister deletes only below
+/// it. (A first try of this fix made roles.rs
+/// `handover_under_load_loses_no_completed_write` fail; with d30ef90, no
+/// secondary runtime on a node becoming primary, it passes.)
 #[test]
-#[ignore = "open bug: secondaries delete logfiles lagging replicas need (see comment)"]
 fn a_lagging_replica_catches_up_from_a_new_primary_after_a_handover() {
     let opts = Options {
         marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
