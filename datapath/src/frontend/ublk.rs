@@ -90,16 +90,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Options {
     /// 512 or 4096.
     pub logical_block_size: u32,
+    /// Hardware queues, each served by its own thread.
     pub queues: u16,
+    /// Requests in flight per queue; each holds a buffer of the largest
+    /// request (512 KiB), so memory is queues × depth × 512 KiB at most.
     pub depth: u16,
 }
 
+/// At most this many queues by default (one per CPU up to it).
+const MAX_DEFAULT_QUEUES: usize = 4;
+
 impl Default for Options {
     fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Options {
             logical_block_size: 512,
-            queues: 1,
-            depth: 128,
+            queues: cpus.min(MAX_DEFAULT_QUEUES) as u16,
+            depth: 64,
         }
     }
 }
@@ -372,19 +379,26 @@ fn build_ctrl(
             source,
         }
     };
-    let dev_flags = if let Some(id) = recover {
+    let (dev_flags, queues, depth) = if let Some(id) = recover {
         let old = UblkCtrl::new_simple(id as i32).map_err(err("opening the device to recover"))?;
         old.start_user_recover()
             .map_err(err("starting user recovery"))?;
-        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+        // The device keeps the queues it was made with (an older marsd,
+        // or another CPU count, may have chosen others).
+        let info = old.dev_info();
+        (
+            UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+            info.nr_hw_queues,
+            info.queue_depth,
+        )
     } else {
-        UblkFlags::UBLK_DEV_F_ADD_DEV
+        (UblkFlags::UBLK_DEV_F_ADD_DEV, opts.queues, opts.depth)
     };
     UblkCtrlBuilder::default()
         .name(resource)
         .id(recover.map_or(-1, |id| id as i32))
-        .nr_queues(opts.queues)
-        .depth(opts.depth)
+        .nr_queues(queues)
+        .depth(depth)
         .ctrl_flags(ctrl_flags)
         .dev_flags(dev_flags)
         .build()
