@@ -65,6 +65,18 @@ one() {
              awk -F';' -v rw=$rw '{print (rw=="randread") ? $8 : $49}')
       echo "BENCH $label $w ${iops:-0} IOPS" ;;
   esac
+  # What a mars write run left to write back, and how long that took (not
+  # in its figure; `written_back` moves every 0.5 s, so up to that much
+  # too high).
+  case "$label $w" in
+    mars*write*)
+      if [ "$label" = mars ]; then t_adm=adm; else t_adm=adm_base; fi
+      t_j=$($t_adm view vol --json)
+      t_a=$(echo "$t_j" | grep -o '"appended": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+      t_w=$(echo "$t_j" | grep -o '"written_back": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+      s=$(now); drain1 $t_adm; e=$(now)
+      echo "BENCH-TAIL $label $w backlog $(( (t_a - t_w) >> 20 )) MiB, written back $(awk -v s="$s" -v e="$e" 'BEGIN{printf "%.1f", e-s}') s later" ;;
+  esac
 }
 
 truncate -s ${SIZE_MB}M /tmp/rublk.img
