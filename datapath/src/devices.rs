@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::frontend::ublk::{self, DEVICE_FILE, Device, Persisted};
+use crate::frontend::ublk::{self, DEVICE_FILE, Device, LocalReads, Persisted};
 use crate::frontend::{BlockIo, IoError};
 use crate::node::Node;
 use crate::resource::{self, Error, resource_dir};
@@ -92,7 +92,7 @@ impl Node {
             Arc::clone(&self.cluster),
             name,
         ))?;
-        self.install(&mut live, name, Arc::new(vol), recover)
+        self.install(&mut live, name, Arc::new(vol), None, recover)
     }
 
     /// Starts (or recovers) the device of `name` over `io`, remembers its id
@@ -102,9 +102,17 @@ impl Node {
         live: &mut BTreeMap<String, Device>,
         name: &str,
         io: Arc<B>,
+        local: Option<LocalReads>,
         recover: Option<u32>,
     ) -> resource::Result<String> {
-        let dev = Device::start(name, io, runtime()?, self.device_cfg.options, recover)?;
+        let dev = Device::start(
+            name,
+            io,
+            local,
+            runtime()?,
+            self.device_cfg.options,
+            recover,
+        )?;
         self.persist_device(name, dev.id())?;
         let path = dev.path().to_string();
         live.insert(name.into(), dev);
@@ -139,11 +147,24 @@ impl Node {
         if let Some(d) = live.get(name) {
             return Ok(d.path().to_string());
         }
+        let logger = res.logger();
         let handle = res.open().ok_or_else(|| Error::NotPrimary {
             resource: name.into(),
             hint: ": `up` works on the primary",
         })?;
-        self.install(&mut live, name, Arc::new(handle), recover)
+        // Reads straight from the backing device, if the handle's logger is
+        // surely the one we have (no role change in between).
+        let local = match (logger, res.logger()) {
+            (Some(a), Some(b)) if Arc::ptr_eq(&a, &b) => match LocalReads::open(a) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(resource = name, error = %e, "cannot open the backing device for reading: ublk reads go through the logger");
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.install(&mut live, name, Arc::new(handle), local, recover)
     }
 
     /// `down NAME`: removes the volume's ublk device (idempotent); refused
@@ -263,7 +284,7 @@ impl Node {
             size: res.meta().size,
         });
         let mut live = self.devices.live.lock().expect("devices lock");
-        let path = self.install(&mut live, name, dead, Some(id))?;
+        let path = self.install(&mut live, name, dead, None, Some(id))?;
         tracing::warn!(resource = name, device = %path, "this node is no longer primary: its device, still in use, fails every request until it is released (`marsadm down`)");
         Ok(path)
     }

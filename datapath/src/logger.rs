@@ -390,6 +390,26 @@ impl Logger {
         &self.shared.cfg.resource
     }
 
+    /// The backing device, for a frontend that reads it itself (ublk).
+    pub fn backing_path(&self) -> &std::path::Path {
+        &self.shared.cfg.backing_path
+    }
+
+    /// For a frontend that reads the backing device itself (ublk): checks
+    /// the range like `read` and returns what the overlay holds of it.
+    /// Reading the backing device after this call and laying these hits
+    /// over it gives what `read` returns: a range not in the overlay now is
+    /// already on the device (writeback drops a piece only after writing it).
+    pub fn overlay_hits(&self, offset: u64, len: u32) -> Result<Vec<crate::overlay::Hit>, IoError> {
+        self.check(offset, len as u64)?;
+        Ok(self
+            .shared
+            .overlay
+            .lock()
+            .expect("overlay lock")
+            .lookup(offset, len as u64))
+    }
+
     /// Last writeback error, if writeback is currently failing.
     pub fn writeback_error(&self) -> Option<String> {
         self.shared.wb_error.lock().expect("wb error lock").clone()

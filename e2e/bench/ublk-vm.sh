@@ -3,43 +3,122 @@
 # (a tmpfs file in the VM), same workloads, same run. TCG emulation makes
 # absolute figures meaningless; only the ratios mean something. mars writes
 # every byte twice (log + writeback), rublk once.
+#
+# Both devices exist for the whole run and every workload runs on rublk and
+# then right away on mars, BENCH_ROUNDS times, so that the two figures of a
+# ratio are taken under the same load of the host (other builds and VMs on a
+# shared machine change qemu's share of the CPUs from minute to minute).
+# Before each run mars's writeback backlog is drained (bounded wait), so no
+# run pays for the previous one's writeback; each mars write run still pays
+# for the writeback that runs during it.
+#
+# With marsd-base/marsadm-base in the VM (MARS_VM_BENCH_BASELINE, see
+# e2e/vm/run), that build serves a third device, "mars-base", run right
+# after the other two: before/after figures under the same load.
 set -e
 SIZE_MB=${BENCH_SIZE_MB:-256}
+ROUNDS=${BENCH_ROUNDS:-3}
+FIO_S=${BENCH_FIO_SECONDS:-5}
+MB=$((SIZE_MB / 2))
 now() { cut -d' ' -f1 /proc/uptime; }
 mbps() { awk -v s="$1" -v e="$2" -v m="$3" 'BEGIN{d=e-s; if (d<0.01) d=0.01; printf "%.1f", m/d}'; }
 waitdev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; [ -b "$1" ]; }
+adm() { marsadm --root /tmp/mars/root "$@"; }
+adm_base() { marsadm-base --root /tmp/mars-base/root "$@"; }
 
-# run_set LABEL DEV: prints BENCH LABEL WORKLOAD VALUE lines
-run_set() {
-  label=$1 dev=$2 mb=$((SIZE_MB / 2))
-  s=$(now); dd if=/dev/zero of="$dev" bs=1M count=$mb oflag=direct conv=fsync 2>/dev/null; e=$(now)
-  echo "BENCH $label seq-write-1M $(mbps "$s" "$e" $mb) MiB/s"
-  echo 3 >/proc/sys/vm/drop_caches
-  s=$(now); dd if="$dev" of=/dev/null bs=1M count=$mb iflag=direct 2>/dev/null; e=$(now)
-  echo "BENCH $label seq-read-1M $(mbps "$s" "$e" $mb) MiB/s"
-  if command -v fio >/dev/null; then
-    for rw in randwrite randread; do
+# Until mars (and mars-base) have written back everything they logged.
+drain() {
+  drain1 adm
+  [ -z "$base_dev" ] || drain1 adm_base
+}
+
+# drain1 ADM: until that marsd has written back everything (at most 60 s).
+drain1() {
+  # (sh has no local variables: names unused elsewhere)
+  d_i=0
+  while [ $d_i -lt 600 ]; do
+    d_j=$($1 view vol --json)
+    d_a=$(echo "$d_j" | grep -o '"appended": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+    d_w=$(echo "$d_j" | grep -o '"written_back": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+    [ -n "$d_a" ] && [ "$d_a" = "$d_w" ] && return 0
+    sleep 0.1; d_i=$((d_i+1))
+  done
+  echo "BENCH-NOTE writeback did not drain within 60 s (appended $d_a, written back $d_w)"
+}
+
+# one LABEL DEV WORKLOAD: prints BENCH LABEL WORKLOAD VALUE UNIT
+one() {
+  label=$1 dev=$2 w=$3
+  drain
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  case $w in
+    seq-write-1M)
+      s=$(now); dd if=/dev/zero of="$dev" bs=1M count=$MB oflag=direct conv=fsync 2>/dev/null; e=$(now)
+      echo "BENCH $label $w $(mbps "$s" "$e" $MB) MiB/s" ;;
+    seq-read-1M)
+      s=$(now); dd if="$dev" of=/dev/null bs=1M count=$MB iflag=direct 2>/dev/null; e=$(now)
+      echo "BENCH $label $w $(mbps "$s" "$e" $MB) MiB/s" ;;
+    rand-*)
+      rw=${w#rand-}; rw=${rw%-4k-qd32}
       iops=$(fio --name=b --filename="$dev" --direct=1 --ioengine=libaio --iodepth=32 --rw=$rw --bs=4k \
-               --size=${mb}M --time_based --runtime=8 --output-format=terse --terse-version=3 2>/dev/null |
+               --size=${MB}M --time_based --runtime=$FIO_S --output-format=terse --terse-version=3 2>/dev/null |
              awk -F';' -v rw=$rw '{print (rw=="randread") ? $8 : $49}')
-      echo "BENCH $label rand-$rw-4k-qd32 ${iops:-0} IOPS"
-    done
-  fi
+      echo "BENCH $label $w ${iops:-0} IOPS" ;;
+  esac
+  # What a mars write run left to write back, and how long that took (not
+  # in its figure; `written_back` moves every 0.5 s, so up to that much
+  # too high).
+  case "$label $w" in
+    mars*write*)
+      if [ "$label" = mars ]; then t_adm=adm; else t_adm=adm_base; fi
+      t_j=$($t_adm view vol --json)
+      t_a=$(echo "$t_j" | grep -o '"appended": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+      t_w=$(echo "$t_j" | grep -o '"written_back": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+      s=$(now); drain1 $t_adm; e=$(now)
+      echo "BENCH-TAIL $label $w backlog $(( (t_a - t_w) >> 20 )) MiB, written back $(awk -v s="$s" -v e="$e" 'BEGIN{printf "%.1f", e-s}') s later" ;;
+  esac
 }
 
 truncate -s ${SIZE_MB}M /tmp/rublk.img
 rublk add loop -n 5 -f /tmp/rublk.img --quiet >/dev/null
 waitdev /dev/ublkb5 || { echo "BENCH-ERROR rublk device missing"; exit 1; }
-run_set rublk-loop /dev/ublkb5
-rublk del -n 5 >/dev/null
-rm -f /tmp/rublk.img
 
-mkdir -p /tmp/mars
-marsd --root /tmp/mars/root --node bench --listen 127.0.0.1:7000 --startup-wait 0 >/tmp/mars/marsd.log 2>&1 &
-i=0; while [ ! -S /tmp/mars/root/marsd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-marsadm --root /tmp/mars/root create-resource vol /tmp/mars.img --size ${SIZE_MB}M >/dev/null
-dev=$(marsadm --root /tmp/mars/root up vol | grep -o '/dev/ublkb[0-9]*')
+# start_mars NAME MARSD ADM PORT: prints the device path. Logfiles of 64M
+# keep the log's share of the VM's tmpfs small.
+start_mars() {
+  mkdir -p /tmp/$1
+  $2 --root /tmp/$1/root --node bench --listen 127.0.0.1:$4 --startup-wait 0 --logfile-size 64M \
+    >/tmp/$1/marsd.log 2>&1 &
+  i=0; while [ ! -S /tmp/$1/root/marsd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+  $3 --root /tmp/$1/root create-resource vol /tmp/$1.img --size ${SIZE_MB}M >/dev/null
+  $3 --root /tmp/$1/root up vol | grep -o '/dev/ublkb[0-9]*'
+}
+base_dev=""
+dev=$(start_mars mars marsd marsadm 7000)
 waitdev "$dev" || { echo "BENCH-ERROR mars device missing"; exit 1; }
-run_set mars "$dev"
-marsadm --root /tmp/mars/root down vol >/dev/null
+if command -v marsd-base >/dev/null; then
+  base_dev=$(start_mars mars-base marsd-base marsadm-base 7001)
+  waitdev "$base_dev" || { echo "BENCH-ERROR mars-base device missing"; exit 1; }
+fi
+
+workloads="seq-write-1M seq-read-1M"
+command -v fio >/dev/null && workloads="$workloads rand-randwrite-4k-qd32 rand-randread-4k-qd32"
+r=1
+while [ $r -le "$ROUNDS" ]; do
+  for w in $workloads; do
+    one rublk-loop /dev/ublkb5 "$w"
+    # mars and mars-base take turns at going first.
+    if [ $((r % 2)) = 0 ] && [ -n "$base_dev" ]; then
+      one mars-base "$base_dev" "$w"; one mars "$dev" "$w"
+    else
+      one mars "$dev" "$w"; [ -z "$base_dev" ] || one mars-base "$base_dev" "$w"
+    fi
+  done
+  r=$((r+1))
+done
+
+adm down vol >/dev/null
+[ -z "$base_dev" ] || adm_base down vol >/dev/null
+rublk del -n 5 >/dev/null
+grep -iE ' (WARN|ERROR) ' /tmp/mars/marsd.log | head -5 | sed 's/^/BENCH-NOTE marsd: /'
 echo "BENCH-END"

@@ -3,12 +3,18 @@
 //!
 //! Threads: libublk runs one thread per hardware queue; each tag of a queue
 //! is a small async task on that thread's local executor (FETCH → handle →
-//! COMMIT_AND_FETCH). A request is handed to the tokio runtime, where the
-//! logger does the work exactly as for NBD (a write completes once it is in
-//! the logfile), so a queue thread never blocks on the log, the disk or the
-//! network. The tokio side reports back through a oneshot channel and wakes
-//! the queue's io_uring through an eventfd, which one extra task per queue
-//! keeps a read pending on.
+//! COMMIT_AND_FETCH). Writes, zeroes and flushes go to the logger exactly
+//! as for NBD (a write completes once it is in the logfile); their futures
+//! are polled on the queue thread itself (the tokio runtime entered there),
+//! never blocking it on the log, the disk or the network. Whoever completes
+//! such a future on another thread (the logger's threads, tokio's reactor)
+//! wakes the queue's io_uring through an eventfd, which one extra task per
+//! queue keeps a read pending on; wakeups are coalesced, so one logger
+//! commit that completes many writes wakes the queue once.
+//!
+//! Reads of a local volume ([`LocalReads`]) are served like a loop device:
+//! an io_uring read of the backing device on the queue's own ring, with the
+//! overlay (logged, not yet written back) laid over it.
 //!
 //! Crash recovery: devices are created with `UBLK_F_USER_RECOVERY` (and
 //! `_REISSUE`) when the driver offers them, so when marsd dies the kernel
@@ -21,11 +27,13 @@
 //! its exit can wait on a flush it can no longer serve. marsd therefore calls
 //! [`private_mount_namespace`] first thing in `main`.
 
+use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Wake, Waker};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -37,6 +45,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData, sys};
 
 use super::{BlockIo, IoError};
+use crate::logger::Logger;
 
 /// File in the resource directory that remembers the device id, so that a
 /// restarted marsd recovers the same `/dev/ublkbN`.
@@ -81,15 +90,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Options {
     /// 512 or 4096.
     pub logical_block_size: u32,
+    /// Hardware queues, each served by its own thread.
     pub queues: u16,
+    /// Requests in flight per queue; each holds a buffer of the largest
+    /// request (512 KiB), so memory is queues × depth × 512 KiB at most.
     pub depth: u16,
 }
 
+/// At most this many queues by default (one per CPU up to it).
+const MAX_DEFAULT_QUEUES: usize = 4;
+
 impl Default for Options {
     fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Options {
             logical_block_size: 512,
-            queues: 1,
+            queues: cpus.min(MAX_DEFAULT_QUEUES) as u16,
             depth: 64,
         }
     }
@@ -182,10 +198,13 @@ pub struct Device {
 
 impl Device {
     /// Creates a device for `io` (or resumes device `recover` left by a
-    /// previous marsd) and returns once `/dev/ublkbN` exists.
+    /// previous marsd) and returns once `/dev/ublkbN` exists. With `local`
+    /// (a volume whose logger runs here), reads are served by it instead
+    /// of `io`.
     pub fn start<B: BlockIo>(
         resource: &str,
         io: Arc<B>,
+        local: Option<LocalReads>,
         rt: tokio::runtime::Handle,
         opts: Options,
         recover: Option<u32>,
@@ -218,13 +237,19 @@ impl Device {
                         return;
                     }
                 };
-                let tgt_init = move |dev: &mut UblkDev| {
-                    set_params(dev, size, lbs);
-                    Ok(())
-                };
+                let local = local.map(Arc::new);
+                let backing_fd = local.as_ref().map(|l| l.file.as_raw_fd());
+                let tgt_init = move |dev: &mut UblkDev| set_params(dev, size, lbs, backing_fd);
                 let keep3 = Arc::clone(&keep2);
                 let q_fn = move |qid: u16, dev: &UblkDev| {
-                    serve_queue(qid, dev, Arc::clone(&io), rt.clone(), Arc::clone(&keep3))
+                    serve_queue(
+                        qid,
+                        dev,
+                        Arc::clone(&io),
+                        local.clone(),
+                        rt.clone(),
+                        Arc::clone(&keep3),
+                    )
                 };
                 let ready = move |c: &UblkCtrl| {
                     let _ = tx.send(Ok((c.dev_info().dev_id, c.get_bdev_path())));
@@ -354,19 +379,26 @@ fn build_ctrl(
             source,
         }
     };
-    let dev_flags = if let Some(id) = recover {
+    let (dev_flags, queues, depth) = if let Some(id) = recover {
         let old = UblkCtrl::new_simple(id as i32).map_err(err("opening the device to recover"))?;
         old.start_user_recover()
             .map_err(err("starting user recovery"))?;
-        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+        // The device keeps the queues it was made with (an older marsd,
+        // or another CPU count, may have chosen others).
+        let info = old.dev_info();
+        (
+            UblkFlags::UBLK_DEV_F_RECOVER_DEV,
+            info.nr_hw_queues,
+            info.queue_depth,
+        )
     } else {
-        UblkFlags::UBLK_DEV_F_ADD_DEV
+        (UblkFlags::UBLK_DEV_F_ADD_DEV, opts.queues, opts.depth)
     };
     UblkCtrlBuilder::default()
         .name(resource)
         .id(recover.map_or(-1, |id| id as i32))
-        .nr_queues(opts.queues)
-        .depth(opts.depth)
+        .nr_queues(queues)
+        .depth(depth)
         .ctrl_flags(ctrl_flags)
         .dev_flags(dev_flags)
         .build()
@@ -408,9 +440,29 @@ pub fn recoverable(id: u32) -> bool {
     })
 }
 
-fn set_params(dev: &mut UblkDev, size: u64, lbs: u32) {
+/// Device parameters; `backing_fd` (local reads) becomes registered file
+/// [`BACKING_FIXED_FD`] of every queue's ring.
+fn set_params(
+    dev: &mut UblkDev,
+    size: u64,
+    lbs: u32,
+    backing_fd: Option<RawFd>,
+) -> Result<(), UblkError> {
     let shift = lbs.trailing_zeros() as u8;
     let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
+    if let Some(fd) = backing_fd {
+        // libublk registers the char device alone, as file 0.
+        if dev.tgt.nr_fds as u32 != BACKING_FIXED_FD {
+            return Err(UblkError::OtherError(-super::libc_errno::EINVAL));
+        }
+        dev.tgt.fds[BACKING_FIXED_FD as usize] = fd;
+        dev.tgt.nr_fds += 1;
+    }
+    // Room for every tag's command, a backing read per tag and the eventfd
+    // read, so completions never overflow the ring.
+    let depth = dev.dev_info.queue_depth;
+    dev.tgt.sq_depth = depth.saturating_mul(2).saturating_add(2);
+    dev.tgt.cq_depth = depth.saturating_mul(2).saturating_add(2);
     dev.tgt.dev_size = size;
     dev.tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
@@ -434,17 +486,22 @@ fn set_params(dev: &mut UblkDev, size: u64, lbs: u32) {
         },
         ..Default::default()
     };
+    Ok(())
 }
 
 /// One queue's thread: a task per tag plus the eventfd pump, on a local
-/// executor driven by the queue's io_uring.
+/// executor driven by the queue's io_uring. The tokio runtime is entered
+/// for the thread's life, so the volume's futures (tokio channels,
+/// semaphores, sockets, timers) are polled right here.
 fn serve_queue<B: BlockIo>(
     qid: u16,
     dev: &UblkDev,
     io: Arc<B>,
+    local: Option<Arc<LocalReads>>,
     rt: tokio::runtime::Handle,
     keep: Arc<AtomicBool>,
 ) {
+    let _rt = rt.enter();
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -452,33 +509,31 @@ fn serve_queue<B: BlockIo>(
             return;
         }
     };
-    // SAFETY: eventfd returns a new descriptor we own (or -1).
-    let efd = unsafe { nix::libc::eventfd(0, nix::libc::EFD_CLOEXEC) };
-    if efd < 0 {
-        tracing::error!(qid, "eventfd failed: {}", std::io::Error::last_os_error());
-        return;
-    }
-    // SAFETY: efd is a fresh descriptor owned from here on.
-    let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+    let kick = match Kick::new() {
+        Ok(k) => Arc::new(k),
+        Err(e) => {
+            tracing::error!(qid, "eventfd failed: {e}");
+            return;
+        }
+    };
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tags = Vec::new();
     for tag in q.tags() {
-        let (q, io, rt, efd, keep) = (
-            Rc::clone(&q),
-            Arc::clone(&io),
-            rt.clone(),
-            Arc::clone(&efd),
-            Arc::clone(&keep),
-        );
+        let tag_ctx = TagCtx {
+            io: Arc::clone(&io),
+            local: local.clone(),
+            keep: Arc::clone(&keep),
+            bridge: Bridge::new(Arc::clone(&kick)),
+        };
+        let q = Rc::clone(&q);
         tags.push(exe.spawn(async move {
-            match serve_tag(&q, tag, io, rt, efd, keep).await {
+            match serve_tag(&q, tag, tag_ctx).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!(tag, error = %e, "ublk tag task failed"),
             }
         }));
     }
-    let pump_fd = efd.as_raw_fd();
-    exe.spawn(pump_wakeups(pump_fd)).detach();
+    exe.spawn(pump_wakeups(kick)).detach();
     let exe2 = Rc::clone(&exe);
     smol::block_on(exe.run(async {
         let run_ops = || while exe2.try_tick() {};
@@ -491,116 +546,259 @@ fn serve_queue<B: BlockIo>(
     }));
 }
 
-/// Keeps a read pending on the eventfd so that completions from the tokio
-/// side wake the queue's io_uring wait.
-async fn pump_wakeups(efd: RawFd) {
-    let mut counter = Box::new(0u64);
+/// Wakes a queue thread sleeping in its io_uring wait: an eventfd that
+/// [`pump_wakeups`] keeps a read pending on. Wakeups are coalesced: while
+/// one is on its way (`pending`), more cost nothing, so a logger commit
+/// that completes many writes wakes the queue once.
+struct Kick {
+    efd: OwnedFd,
+    pending: AtomicBool,
+}
+
+impl Kick {
+    fn new() -> std::io::Result<Kick> {
+        // SAFETY: eventfd returns a new descriptor we own (or -1).
+        let efd = unsafe { nix::libc::eventfd(0, nix::libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Kick {
+            // SAFETY: efd is a fresh descriptor owned from here on.
+            efd: unsafe { OwnedFd::from_raw_fd(efd) },
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    fn kick(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes from a live buffer to our eventfd.
+            unsafe { nix::libc::write(self.efd.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+}
+
+/// Keeps a read pending on the eventfd so that wakeups from other threads
+/// end the queue's io_uring wait. The read's target outlives the ring (it
+/// may still be pending when this task is dropped at queue exit): 8 bytes
+/// leaked per queue.
+async fn pump_wakeups(kick: Arc<Kick>) {
+    let counter: &'static mut u64 = Box::leak(Box::new(0u64));
+    let counter: *mut u64 = counter;
     loop {
         let sqe = io_uring::opcode::Read::new(
-            io_uring::types::Fd(efd),
-            (&mut *counter as *mut u64).cast::<u8>(),
+            io_uring::types::Fd(kick.efd.as_raw_fd()),
+            counter.cast::<u8>(),
             8,
         )
         .build();
         match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
-            Ok(r) if r >= 0 || r == -4 => {}
+            Ok(r) if r >= 0 || r == -nix::libc::EINTR => {
+                // Acquire: every task woken before this kick is queued in
+                // the executor, which runs them all before the next wait.
+                kick.pending.swap(false, Ordering::AcqRel);
+            }
             _ => return,
         }
     }
+}
+
+/// The waker a tag's requests are polled with: it wakes the tag's task
+/// (queues it on the local executor) and then the queue thread.
+struct TagWake {
+    task: std::sync::OnceLock<Waker>,
+    kick: Arc<Kick>,
+}
+
+impl Wake for TagWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(w) = self.task.get() {
+            w.wake_by_ref();
+        }
+        self.kick.kick();
+    }
+}
+
+/// Polls futures on the queue thread with a tag's [`TagWake`], so that
+/// whatever completes them on another thread (the logger, tokio's
+/// reactor) also ends the queue's io_uring wait.
+struct Bridge {
+    wake: Arc<TagWake>,
+    waker: Waker,
+}
+
+impl Bridge {
+    fn new(kick: Arc<Kick>) -> Bridge {
+        let wake = Arc::new(TagWake {
+            task: std::sync::OnceLock::new(),
+            kick,
+        });
+        let waker = Waker::from(Arc::clone(&wake));
+        Bridge { wake, waker }
+    }
+
+    async fn run<F: Future>(&self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            // A task's waker is the same for its whole life.
+            self.wake.task.get_or_init(|| cx.waker().clone());
+            fut.as_mut().poll(&mut Context::from_waker(&self.waker))
+        })
+        .await
+    }
+}
+
+/// Everything a tag task needs besides its queue.
+struct TagCtx<B> {
+    io: Arc<B>,
+    local: Option<Arc<LocalReads>>,
+    keep: Arc<AtomicBool>,
+    bridge: Bridge,
 }
 
 /// One tag: fetch a request, serve it, commit the result, fetch the next.
 async fn serve_tag<B: BlockIo>(
     q: &UblkQueue<'_>,
     tag: u16,
-    io: Arc<B>,
-    rt: tokio::runtime::Handle,
-    efd: Arc<OwnedFd>,
-    keep: Arc<AtomicBool>,
+    ctx: TagCtx<B>,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
         let iod = *q.get_iod(tag);
-        let res = serve_request(&iod, buf.as_mut_slice(), &io, &rt, &efd, &keep).await;
+        let res = match serve_request(q, &iod, buf.as_mut_slice(), &ctx).await {
+            Ok(n) => n,
+            Err(IoError::ShuttingDown(_)) if ctx.keep.load(Ordering::Acquire) => {
+                // Left for recovery: never complete; the kernel reissues it.
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            Err(e) => -e.errno(),
+        };
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
 }
 
-/// Serves one request; returns what the completion carries (bytes done or
-/// a negative errno).
+/// Serves one request; returns the byte count the completion carries.
 async fn serve_request<B: BlockIo>(
+    q: &UblkQueue<'_>,
     iod: &sys::ublksrv_io_desc,
     buf: &mut [u8],
-    io: &Arc<B>,
-    rt: &tokio::runtime::Handle,
-    efd: &Arc<OwnedFd>,
-    keep: &Arc<AtomicBool>,
-) -> i32 {
+    ctx: &TagCtx<B>,
+) -> Result<i32, IoError> {
     let op = iod.op_flags & 0xff;
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
     let offset = iod.start_sector << 9;
     let len = (iod.nr_sectors as usize) << 9;
-    let req = match op {
+    let io = &*ctx.io;
+    let max = buf.len() as u64;
+    let too_large = || IoError::TooLarge {
+        len: len as u64,
+        max,
+    };
+    match op {
         // A flush carries no meaningful sector: never range-check it.
-        sys::UBLK_IO_OP_FLUSH => Request::Flush,
-        sys::UBLK_IO_OP_READ if len <= buf.len() => Request::Read(offset, len as u32),
-        sys::UBLK_IO_OP_WRITE if len <= buf.len() => {
-            Request::Write(offset, Bytes::copy_from_slice(&buf[..len]), fua)
+        sys::UBLK_IO_OP_FLUSH => ctx.bridge.run(io.flush()).await?,
+        sys::UBLK_IO_OP_READ => {
+            let buf = buf.get_mut(..len).ok_or_else(too_large)?;
+            match &ctx.local {
+                Some(local) => local.read(q, offset, buf).await?,
+                None => {
+                    let data = ctx.bridge.run(io.read(offset, len as u32)).await?;
+                    let n = data.len().min(len);
+                    buf[..n].copy_from_slice(&data[..n]);
+                    return Ok(n as i32);
+                }
+            }
+        }
+        sys::UBLK_IO_OP_WRITE => {
+            // The overlay keeps the data until writeback: one copy.
+            let data = Bytes::copy_from_slice(buf.get(..len).ok_or_else(too_large)?);
+            ctx.bridge.run(io.write(offset, data, fua)).await?
         }
         sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-            Request::Zero(offset, len as u64, fua)
+            ctx.bridge
+                .run(io.write_zeroes(offset, len as u64, fua))
+                .await?
         }
-        _ => return -super::libc_errno::EINVAL,
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (io, efd2) = (Arc::clone(io), Arc::clone(efd));
-    rt.spawn(async move {
-        let r = req.run(&*io).await;
-        let _ = tx.send(r);
-        wake(&efd2);
-    });
-    match rx.await {
-        Ok(Ok(Some(data))) => {
-            let n = data.len().min(buf.len());
-            buf[..n].copy_from_slice(&data[..n]);
-            n as i32
-        }
-        Ok(Ok(None)) => len as i32,
-        Ok(Err(IoError::ShuttingDown(_))) if keep.load(Ordering::Acquire) => {
-            // Left for recovery: never complete; the kernel reissues it.
-            std::future::pending::<()>().await;
-            unreachable!()
-        }
-        Ok(Err(e)) => -e.errno(),
-        Err(_) => -super::libc_errno::EIO,
+        _ => return Ok(-super::libc_errno::EINVAL),
     }
+    Ok(len as i32)
 }
 
-fn wake(efd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writing 8 bytes from a live buffer to our eventfd.
-    unsafe { nix::libc::write(efd.as_raw_fd(), one.as_ptr().cast(), 8) };
+/// Reads served on the queue thread, like a loop device: what the overlay
+/// holds of a range (logged, not yet written back) laid over an io_uring
+/// read of the backing device, without a trip through the runtime. The
+/// backing device is opened a second time, read-only and buffered, so it
+/// shares the page cache writeback writes into.
+pub struct LocalReads {
+    logger: Arc<Logger>,
+    file: std::fs::File,
 }
 
-enum Request {
-    Read(u64, u32),
-    Write(u64, Bytes, bool),
-    Zero(u64, u64, bool),
-    Flush,
-}
+/// Index of the backing device among the queue ring's registered files
+/// (0 is the ublk char device).
+const BACKING_FIXED_FD: u32 = 1;
 
-impl Request {
-    /// Runs on the tokio runtime; a read returns its data.
-    async fn run<B: BlockIo>(self, io: &B) -> Result<Option<Bytes>, IoError> {
-        match self {
-            Request::Read(off, len) => io.read(off, len).await.map(Some),
-            Request::Write(off, data, fua) => io.write(off, data, fua).await.map(|()| None),
-            Request::Zero(off, len, fua) => io.write_zeroes(off, len, fua).await.map(|()| None),
-            Request::Flush => io.flush().await.map(|()| None),
+impl LocalReads {
+    pub fn open(logger: Arc<Logger>) -> std::io::Result<LocalReads> {
+        let file = std::fs::File::open(logger.backing_path())?;
+        Ok(LocalReads { logger, file })
+    }
+
+    fn io_err(&self, errno: i32) -> IoError {
+        IoError::Io {
+            resource: self.logger.resource().into(),
+            source: std::io::Error::from_raw_os_error(errno),
         }
+    }
+
+    /// Fills `buf` with the volume's bytes at `offset`.
+    async fn read(&self, q: &UblkQueue<'_>, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let len = buf.len();
+        // Taken before the device is read: see `Logger::overlay_hits`.
+        let hits = self.logger.overlay_hits(offset, len as u32)?;
+        let covered: u64 = hits.iter().map(|h| h.len).sum();
+        if covered < len as u64 {
+            let mut done = 0;
+            while done < len {
+                let rest = &mut buf[done..];
+                let sqe = io_uring::opcode::Read::new(
+                    io_uring::types::Fixed(BACKING_FIXED_FD),
+                    rest.as_mut_ptr(),
+                    rest.len() as u32,
+                )
+                .offset(offset + done as u64)
+                .build();
+                // The buffer stays put until the read completes: this tag
+                // task neither moves nor ends while it awaits.
+                let r = q.ublk_submit_sqe(sqe).await;
+                match r {
+                    0 => {
+                        // Past the end of the backing file: zeroes.
+                        rest.fill(0);
+                        break;
+                    }
+                    n if n > 0 => done += n as usize,
+                    e if e == -nix::libc::EINTR || e == -nix::libc::EAGAIN => {}
+                    e => return Err(self.io_err(-e)),
+                }
+            }
+        }
+        for h in hits {
+            let r = (h.offset - offset) as usize..(h.offset - offset + h.len) as usize;
+            match h.data {
+                Some(d) => buf[r].copy_from_slice(&d),
+                None => buf[r].fill(0),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -618,5 +816,70 @@ mod tests {
             ublk_mount_points(mounts),
             vec!["/mnt/a b".to_string(), "/var/lib/kubelet/x".to_string()]
         );
+    }
+
+    /// Counts how often a task was woken.
+    struct CountingTask(std::sync::atomic::AtomicUsize);
+
+    impl Wake for CountingTask {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// What the eventfd holds (0 if nothing was written), read without blocking.
+    fn drain(kick: &Kick) -> u64 {
+        let mut v = 0u64;
+        let fd = kick.efd.as_raw_fd();
+        // SAFETY: an 8-byte read into a live u64 from our eventfd, after
+        // making it non-blocking.
+        unsafe {
+            nix::libc::fcntl(fd, nix::libc::F_SETFL, nix::libc::O_NONBLOCK);
+            if nix::libc::read(fd, (&mut v as *mut u64).cast(), 8) != 8 {
+                return 0;
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn completions_from_another_thread_wake_the_task_and_kick_the_queue_once() {
+        let kick = Arc::new(Kick::new().expect("eventfd"));
+        let task = Arc::new(CountingTask(Default::default()));
+        let task_waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&task_waker);
+        let bridges: Vec<Bridge> = (0..3).map(|_| Bridge::new(Arc::clone(&kick))).collect();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| tokio::sync::oneshot::channel()).unzip();
+        let mut futs: Vec<_> = bridges
+            .iter()
+            .zip(rxs)
+            .map(|(b, rx)| Box::pin(b.run(rx)))
+            .collect();
+        for f in &mut futs {
+            assert!(f.as_mut().poll(&mut cx).is_pending());
+        }
+        // Three completions on another thread, before the queue thread runs.
+        std::thread::spawn(move || {
+            for (i, tx) in txs.into_iter().enumerate() {
+                tx.send(i).expect("receiver alive");
+            }
+        })
+        .join()
+        .expect("sender thread");
+        assert_eq!(task.0.load(Ordering::SeqCst), 3);
+        assert_eq!(drain(&kick), 1, "one eventfd write for the three wakeups");
+        for (i, f) in futs.iter_mut().enumerate() {
+            assert!(matches!(f.as_mut().poll(&mut cx), std::task::Poll::Ready(Ok(v)) if v == i));
+        }
+        // Once the pump has consumed the kick, the next wakeup kicks again.
+        kick.pending.swap(false, Ordering::AcqRel);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut f = Box::pin(bridges[0].run(rx));
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+        std::thread::spawn(move || tx.send(()).expect("receiver alive"))
+            .join()
+            .expect("sender thread");
+        assert_eq!(drain(&kick), 1);
+        assert!(f.as_mut().poll(&mut cx).is_ready());
     }
 }
