@@ -365,20 +365,11 @@ fn invalidate_under_writes_always_ends_uptodate() {
 /// secondary runtime on a node becoming primary, it passes.)
 #[test]
 fn a_lagging_replica_catches_up_from_a_new_primary_after_a_handover() {
-    let opts = Options {
-        marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
-        ..Default::default()
-    };
-    let Some(mut c) = start_with_or_skip(&["a", "b", "c"], opts) else {
+    let Some(mut c) = three_hosts_small_logfiles() else {
         return;
     };
     run(&mut c, |c| {
-        c.create_resource("a", "r1", "16M")?;
-        for h in ["b", "c"] {
-            c.join_cluster(h, "a")?;
-            c.join_resource(h, "r1")?;
-        }
-        c.wait_ok("a", "r1", 30)?;
+        replicate_r1_from_a(c)?;
         // c lags; b applies (and used to delete) many 1 MiB logfiles.
         c.host("c").marsadm_ok(&["pause-fetch", "r1"])?;
         let w = RandomWriter::start(
@@ -431,20 +422,11 @@ fn a_lagging_replica_catches_up_from_a_new_primary_after_a_handover() {
 /// reproducer.
 #[test]
 fn a_replica_behind_a_new_primary_catches_up() {
-    let opts = Options {
-        marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
-        ..Default::default()
-    };
-    let Some(mut c) = start_with_or_skip(&["a", "b", "c"], opts) else {
+    let Some(mut c) = three_hosts_small_logfiles() else {
         return;
     };
     run(&mut c, |c| {
-        c.create_resource("a", "r1", "16M")?;
-        for h in ["b", "c"] {
-            c.join_cluster(h, "a")?;
-            c.join_resource(h, "r1")?;
-        }
-        c.wait_ok("a", "r1", 30)?;
+        replicate_r1_from_a(c)?;
         let mut primary = "a";
         for round in 0..4 {
             let next = if primary == "a" { "b" } else { "a" };
@@ -494,4 +476,24 @@ fn a_replica_behind_a_new_primary_catches_up() {
         }
         Ok(())
     });
+}
+
+/// Hosts a, b, c with 1 MiB logfiles (so that many logfiles come and go).
+fn three_hosts_small_logfiles() -> Option<mars_e2e::Cluster> {
+    let opts = Options {
+        marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    start_with_or_skip(&["a", "b", "c"], opts)
+}
+
+/// Resource r1 (16 MiB) on a, joined by b and c, all UpToDate.
+fn replicate_r1_from_a(c: &mut mars_e2e::Cluster) -> anyhow::Result<()> {
+    c.create_resource("a", "r1", "16M")?;
+    for h in ["b", "c"] {
+        c.join_cluster(h, "a")?;
+        c.join_resource(h, "r1")?;
+    }
+    c.wait_ok("a", "r1", 30)?;
+    Ok(())
 }

@@ -193,26 +193,10 @@ impl<'c> Campaign<'c> {
         for n in undo {
             self.undo_net(&n)?;
         }
-        let due: Vec<String> = self
-            .down
-            .iter_mut()
-            .filter_map(|(h, left)| {
-                *left = left.saturating_sub(1);
-                (*left == 0).then(|| h.clone())
-            })
-            .collect();
-        for h in due {
+        for h in count_down(&mut self.down) {
             self.start_host(&h)?;
         }
-        let due: Vec<String> = self
-            .left
-            .iter_mut()
-            .filter_map(|(h, left)| {
-                *left = left.saturating_sub(1);
-                (*left == 0).then(|| h.clone())
-            })
-            .collect();
-        for h in due {
+        for h in count_down(&mut self.left) {
             if !self.down.contains_key(&h) {
                 self.join(&h, None)?;
             }
@@ -1078,4 +1062,16 @@ fn rss_kib(h: &Host) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// One step less for every host waiting in `waits`; the hosts whose wait
+/// is over now.
+fn count_down(waits: &mut BTreeMap<String, u8>) -> Vec<String> {
+    waits
+        .iter_mut()
+        .filter_map(|(h, left)| {
+            *left = left.saturating_sub(1);
+            (*left == 0).then(|| h.clone())
+        })
+        .collect()
 }
