@@ -393,14 +393,16 @@ impl Resource {
                 .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
         };
         let name = meta.name.clone();
-        // The written-back (applied) position never passes the durable end
-        // of the log: recovery must not cut the log below it.
-        let durable = Position::load(&*storage, &dir.join(POSITION_FILE))
+        let written_back = Position::load(&*storage, &dir.join(POSITION_FILE))
             .map_err(|source| Error::Apply {
                 resource: name.clone(),
                 source,
             })?
-            .map_or(0, |p| p.pos)
+            .unwrap_or_default();
+        // The written-back (applied) position never passes the durable end
+        // of the log: recovery must not cut the log below it.
+        let durable = written_back
+            .pos
             .max(
                 LogStore::durable_floor(&*storage, dir).map_err(|source| Error::Log {
                     resource: name.clone(),
@@ -444,23 +446,21 @@ impl Resource {
             acting: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
         });
-        res.replay()?;
+        res.replay(written_back)?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {
             res.start_logger(false)?;
         }
         Ok(res)
     }
 
-    /// Replays the log from the written-back position into the device.
-    fn replay(&self) -> Result<()> {
+    /// Replays the log from the written-back position `start` (as loaded
+    /// from the position file) into the device.
+    fn replay(&self, start: Position) -> Result<()> {
         let pos_path = self.dir.join(POSITION_FILE);
         let apply_err = |source| Error::Apply {
             resource: self.name.clone(),
             source,
         };
-        let start = Position::load(&*self.storage, &pos_path)
-            .map_err(apply_err)?
-            .unwrap_or_default();
         let end = self
             .store
             .files()

@@ -413,17 +413,32 @@ struct Outcome {
     refused: usize,
 }
 
-/// Flips a random bit in the records of a random logfile of `disk`; half
-/// of the time in the newest file past the written-back position, where
-/// recovery has the least evidence of what was durable.
-fn rot_any_bit(disk: &SimStorage, rng: &mut StdRng) -> Option<String> {
+/// The resource directory on `disk` and the names of its logfiles, oldest
+/// first.
+fn logfiles(disk: &SimStorage) -> Option<(PathBuf, Vec<String>)> {
     let dir = resource_dir(Path::new(ROOT), "r");
-    let logs: Vec<String> = disk
+    let logs = disk
         .list_dir(&dir)
         .ok()?
         .into_iter()
         .filter(|n| parse_name(n).is_some())
         .collect();
+    Some((dir, logs))
+}
+
+/// The written-back position persisted in `dir` (0 if none).
+fn written_back(disk: &SimStorage, dir: &Path) -> u64 {
+    Position::load(disk, &dir.join("written-back.json"))
+        .ok()
+        .flatten()
+        .map_or(0, |p| p.pos)
+}
+
+/// Flips a random bit in the records of a random logfile of `disk`; half
+/// of the time in the newest file past the written-back position, where
+/// recovery has the least evidence of what was durable.
+fn rot_any_bit(disk: &SimStorage, rng: &mut StdRng) -> Option<String> {
+    let (dir, logs) = logfiles(disk)?;
     let tail = rng.random::<bool>();
     let name = if tail {
         logs.last()?
@@ -436,10 +451,7 @@ fn rot_any_bit(disk: &SimStorage, rng: &mut StdRng) -> Option<String> {
     let mut from = FILE_HEADER_LEN as u64;
     if tail {
         let h = FileHeader::decode(&data[..FILE_HEADER_LEN.min(data.len())]).ok()?;
-        let floor = Position::load(disk, &dir.join("written-back.json"))
-            .ok()
-            .flatten()
-            .map_or(0, |p| p.pos);
+        let floor = written_back(disk, &dir);
         from = from.max(floor.saturating_sub(h.start_pos) + FILE_HEADER_LEN as u64);
     }
     if len <= from {
@@ -459,17 +471,8 @@ fn rot_any_bit(disk: &SimStorage, rng: &mut StdRng) -> Option<String> {
 /// record vouches for, is indistinguishable from a write torn by the power
 /// loss and cut off as one: see format.rs, `unsynced`.)
 fn rot_a_durable_bit(disk: &SimStorage, rng: &mut StdRng) -> Option<String> {
-    let dir = resource_dir(Path::new(ROOT), "r");
-    let logs: Vec<String> = disk
-        .list_dir(&dir)
-        .ok()?
-        .into_iter()
-        .filter(|n| n.starts_with("log-"))
-        .collect();
-    let floor = Position::load(disk, &dir.join("written-back.json"))
-        .ok()
-        .flatten()
-        .map_or(0, |p| p.pos);
+    let (dir, logs) = logfiles(disk)?;
+    let floor = written_back(disk, &dir);
     let mut regions: Vec<(String, u64, u64)> = Vec::new();
     for (i, name) in logs.iter().enumerate() {
         let data = disk.contents(&dir.join(name)).ok()?;

@@ -42,6 +42,12 @@ pub struct LogStore {
 /// Where [`LogStore::persist_durable`] keeps the durable floor.
 const DURABLE_FILE: &str = "durable.json";
 
+/// The content of [`DURABLE_FILE`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DurableFloor {
+    durable: u64,
+}
+
 /// `log-000000001-node1` → (1, "node1").
 pub fn parse_name(name: &str) -> Option<(u64, &str)> {
     let rest = name.strip_prefix("log-")?;
@@ -201,8 +207,8 @@ impl LogStore {
     /// [`LogStore::open_durable`]).
     pub fn persist_durable(&self, pos: u64) -> Result<()> {
         let path = self.dir.join(DURABLE_FILE);
-        let bytes = serde_json::to_vec(&serde_json::json!({ "durable": pos }))
-            .expect("a number serializes");
+        let bytes =
+            serde_json::to_vec(&DurableFloor { durable: pos }).expect("a number serializes");
         self.storage
             .write_atomic(&path, &bytes)
             .map_err(Error::io(&path))
@@ -216,13 +222,12 @@ impl LogStore {
             return Ok(0);
         }
         let bytes = storage.read_file(&path).map_err(Error::io(&path))?;
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("durable")?.as_u64())
-            .ok_or_else(|| Error::Corruption {
+        serde_json::from_slice::<DurableFloor>(&bytes)
+            .map(|f| f.durable)
+            .map_err(|e| Error::Corruption {
                 path,
                 offset: 0,
-                what: "not a durable floor ({\"durable\": N})".into(),
+                what: format!("not a durable floor ({{\"durable\": N}}): {e}"),
             })
     }
 
