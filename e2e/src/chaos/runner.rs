@@ -358,30 +358,14 @@ impl<'c> Campaign<'c> {
                     return Ok(false);
                 }
                 let h = s[pick as usize % s.len()].clone();
-                let out = self.c.host(&h).marsadm(&["leave-resource", R])?;
-                if !out.status.success() {
-                    self.log(format!("leave-resource on {h} refused: {}", stderr(&out)));
-                    return Ok(false);
-                }
-                self.log(format!("{h} left {R}, rejoins in {rejoin} steps"));
-                self.replicas.remove(&h);
-                self.paused.remove(&h);
-                self.left.insert(h, rejoin.max(1));
+                return self.leave(h, rejoin);
             }
             Step::LeaveHost { host, rejoin } => {
                 let h = hostname(host);
                 if h == self.primary || !self.replicas.contains(&h) || self.down.contains_key(&h) {
                     return Ok(false);
                 }
-                let out = self.c.host(&h).marsadm(&["leave-resource", R])?;
-                if !out.status.success() {
-                    self.log(format!("leave-resource on {h} refused: {}", stderr(&out)));
-                    return Ok(false);
-                }
-                self.log(format!("{h} left {R}, rejoins in {rejoin} steps"));
-                self.replicas.remove(&h);
-                self.paused.remove(&h);
-                self.left.insert(h, rejoin.max(1));
+                return self.leave(h, rejoin);
             }
             Step::Recreate => return self.recreate(),
             Step::Join { host, kill_ms } => {
@@ -618,6 +602,21 @@ impl<'c> Campaign<'c> {
             ));
         }
         self.resolve_split_brains()?;
+        Ok(true)
+    }
+
+    /// `leave-resource` on `h`, which rejoins after `rejoin` steps. False
+    /// if marsadm refused (logged).
+    fn leave(&mut self, h: String, rejoin: u8) -> Result<bool> {
+        let out = self.c.host(&h).marsadm(&["leave-resource", R])?;
+        if !out.status.success() {
+            self.log(format!("leave-resource on {h} refused: {}", stderr(&out)));
+            return Ok(false);
+        }
+        self.log(format!("{h} left {R}, rejoins in {rejoin} steps"));
+        self.replicas.remove(&h);
+        self.paused.remove(&h);
+        self.left.insert(h, rejoin.max(1));
         Ok(true)
     }
 
