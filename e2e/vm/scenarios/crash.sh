@@ -17,7 +17,13 @@ mkdir -p /tmp/s/mnt && mount -t ext4 "$devA" /tmp/s/mnt
     [ $((i % 5)) = 0 ] && sync
     i=$((i + 1)); done ) >/dev/null 2>&1 &
 load=$!
-sleep 4
+sleep 3
+# B stops fetching a second before the crash, so that A has logged writes
+# B never got: the forced failover then always forks A's history (without
+# this, B may have fetched all of A's durable log, and A rightly reports no
+# split brain).
+adm B pause-fetch vol >/dev/null
+sleep 1
 kill9 A
 note "killed A's marsd under load"
 sleep 1
