@@ -191,7 +191,8 @@ impl Node {
             ))
         })?;
         let backing = self.check_backing(name, path)?;
-        let (start_pos, size, generation) = self.sync_start(name, &primary.node, &addr).await?;
+        let (join, size) = self.sync_start(name, &primary.node, &addr).await?;
+        let start_pos = join.start_pos;
         let res = {
             let node = Arc::clone(self);
             let (name, backing) = (name.to_string(), backing.clone());
@@ -205,10 +206,7 @@ impl Node {
                     &name,
                     &backing,
                     size,
-                    Some(JoinPoint {
-                        start_pos,
-                        generation,
-                    }),
+                    Some(join),
                 )?;
                 node.resources
                     .write()
@@ -826,9 +824,10 @@ impl Node {
             .cluster
             .addr_of(&p.node)
             .ok_or_else(|| Error::Cluster(format!("{name}: no address for {}", p.node)))?;
-        let (start_pos, _, generation) = self.sync_start(name, &p.node, &addr).await?;
+        let (join, _) = self.sync_start(name, &p.node, &addr).await?;
+        let start_pos = join.start_pos;
         let r2 = Arc::clone(&res);
-        tokio::task::spawn_blocking(move || r2.reset_for_full_sync(start_pos, generation))
+        tokio::task::spawn_blocking(move || r2.reset_for_full_sync(join))
             .await
             .map_err(|e| Error::Cluster(format!("invalidate failed: {e}")))??;
         let info = ReplicaInfo {
@@ -929,13 +928,13 @@ impl Node {
 
 impl Node {
     /// Asks the primary to start a full sync for this node: it pins its log
-    /// there. Returns (start position, device size, generation).
+    /// there. Returns where the sync starts and the device size.
     async fn sync_start(
         &self,
         name: &str,
         primary: &str,
         addr: &str,
-    ) -> resource::Result<(u64, u64, u64)> {
+    ) -> resource::Result<(JoinPoint, u64)> {
         let req = Message::SyncStart {
             resource: name.into(),
             node: self.cfg.node.clone(),
@@ -958,7 +957,15 @@ impl Node {
                 start_pos,
                 size,
                 generation,
-            } => Ok((start_pos, size, generation)),
+                next_seq,
+            } => Ok((
+                JoinPoint {
+                    start_pos,
+                    next_seq,
+                    generation,
+                },
+                size,
+            )),
             _ => Err(Error::Cluster(format!(
                 "{name}: unexpected answer from its primary {primary}"
             ))),

@@ -119,10 +119,12 @@ pub struct Meta {
 }
 
 /// Where a joining replica starts: the primary's log position when its full
-/// sync began, and the primary's generation.
+/// sync began, the sequence number of the record there (0: unknown, learnt
+/// from the first record), and the primary's generation.
 #[derive(Debug, Clone, Copy)]
 pub struct JoinPoint {
     pub start_pos: u64,
+    pub next_seq: u64,
     pub generation: u64,
 }
 
@@ -346,12 +348,11 @@ impl Resource {
                 target: None,
             }),
         };
-        // A joining replica applies the log from where its full sync starts;
-        // the sequence number there is learnt from the first record.
+        // A joining replica applies the log from where its full sync starts.
         match join {
             Some(j) => Position {
                 pos: j.start_pos,
-                next_seq: 0,
+                next_seq: j.next_seq,
             },
             None => Position {
                 pos: 0,
@@ -791,7 +792,12 @@ impl Resource {
     /// the current primary's log (invalidate): forgets the local log and
     /// any split brain. The device keeps its data: the fast full sync sends
     /// only chunks that differ.
-    pub(crate) fn reset_for_full_sync(&self, start_pos: u64, generation: u64) -> Result<()> {
+    pub(crate) fn reset_for_full_sync(&self, start: JoinPoint) -> Result<()> {
+        let JoinPoint {
+            start_pos,
+            next_seq,
+            generation,
+        } = start;
         let _changing = self.role_change.lock().expect("role lock");
         // Held until the full sync is recorded: a runtime the reconcile loop
         // started in between would have no full sync, and its applier would
@@ -810,7 +816,7 @@ impl Resource {
         self.quota.release(freed);
         Position {
             pos: start_pos,
-            next_seq: 0,
+            next_seq,
         }
         .store(&*self.storage, &self.position_path())
         .map_err(|source| Error::Apply {

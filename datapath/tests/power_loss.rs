@@ -801,6 +801,7 @@ fn a_secondary_stays_a_prefix_of_the_primary_through_power_loss() {
     b.mkdir_durable(Path::new("/disk"));
     let join = JoinPoint {
         start_pos: 0,
+        next_seq: 1,
         generation: 1,
     };
     let quota = Arc::new(LogQuota::new(1 << 30));

@@ -253,3 +253,51 @@ fn emergency_mode_keeps_the_primary_writing_and_resyncs_the_laggard() {
     // b is identical again after its resync.
     assert_images_follow(&a, 32, &[&b]);
 }
+
+/// A resource that never logged a write can be handed over and back: the
+/// old primary follows the new one (it got stuck on "record 0 where 1 was
+/// due" once).
+#[test]
+fn handover_of_a_resource_that_never_logged_a_write() {
+    let a = Daemon::start_named("a", &["--startup-wait", "3"]);
+    let b = Daemon::start_named("b", &["--startup-wait", "3"]);
+    a.marsadm_ok(&[
+        "create-resource",
+        "r1",
+        a.path("r1.img").to_str().unwrap(),
+        "--size",
+        "8M",
+    ]);
+    b.marsadm_ok(&["join-cluster", &a.listen_addr().to_string()]);
+    b.marsadm_ok(&["join-resource", "r1", b.path("r1.img").to_str().unwrap()]);
+    wait(&a);
+    let out = b.marsadm_ok(&["primary", "r1"]);
+    assert!(out.contains("handed over from a"), "{out}");
+    write(&b, MIB, 0x5a, MIB as usize);
+    wait(&b);
+    let v = a.resource_view("r1");
+    assert_eq!(v["role"], "secondary", "{v:#}");
+    assert_eq!(v["error"], serde_json::Value::Null, "{v:#}");
+    assert_images_follow(&b, 8, &[&a]);
+    // And back again.
+    let out = a.marsadm_ok(&["primary", "r1"]);
+    assert!(out.contains("handed over from b"), "{out}");
+    write(&a, 2 * MIB, 0x6b, MIB as usize);
+    wait(&a);
+    assert_images_follow(&a, 8, &[&b]);
+    // A replica that joins an idle resource sees no record before it
+    // becomes primary: its log must still continue the history's numbering.
+    let c = Daemon::start_named("c", &["--startup-wait", "3"]);
+    c.marsadm_ok(&["join-cluster", &a.listen_addr().to_string()]);
+    c.marsadm_ok(&["join-resource", "r1", c.path("r1.img").to_str().unwrap()]);
+    wait(&a);
+    let out = c.marsadm_ok(&["primary", "r1"]);
+    assert!(out.contains("handed over from a"), "{out}");
+    write(&c, 3 * MIB, 0x7c, MIB as usize);
+    wait(&c);
+    for d in [&a, &b] {
+        let v = d.resource_view("r1");
+        assert_eq!(v["error"], serde_json::Value::Null, "{v:#}");
+    }
+    assert_images_follow(&c, 8, &[&a, &b]);
+}

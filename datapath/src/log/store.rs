@@ -293,6 +293,44 @@ impl LogStore {
     }
 
     /// An appender positioned at the end of the last (recovered) logfile.
+    /// End position and next sequence number of the log, read together.
+    pub fn end(&self) -> Option<(u64, u64)> {
+        let files = self.files.lock().expect("log store lock");
+        files.last().map(|f| (f.end_pos, f.end_seq))
+    }
+
+    /// Removes the newest logfiles while they hold no record (a header
+    /// written by a rotation or by a fetch that was cut before its first
+    /// records). Such a file says nothing, yet its number may be taken by
+    /// a different file of a new primary, whose records would then be
+    /// appended under the wrong header. Returns the start position of the
+    /// earliest file removed.
+    pub fn drop_empty_tail(&self) -> Result<Option<u64>> {
+        let mut dropped = None;
+        while let Some(last) = self
+            .files()
+            .last()
+            .filter(|f| f.end_pos == f.header.start_pos)
+            .cloned()
+        {
+            self.storage
+                .remove_file(&last.path)
+                .map_err(Error::io(&last.path))?;
+            tracing::info!(file = %last.path.display(), "removed a logfile that holds no record");
+            self.files
+                .lock()
+                .expect("log store lock")
+                .retain(|f| f.path != last.path);
+            dropped = Some(last.header.start_pos);
+        }
+        if dropped.is_some() {
+            self.storage
+                .sync_dir(&self.dir)
+                .map_err(Error::io(&self.dir))?;
+        }
+        Ok(dropped)
+    }
+
     pub fn resume_last(&self) -> Result<Option<Appender>> {
         let Some(last) = self.files().last().cloned() else {
             return Ok(None);
@@ -945,6 +983,38 @@ mod tests {
             store.cursor(0),
             Err(Error::PositionUnavailable { .. })
         ));
+    }
+
+    #[test]
+    fn only_newest_logfiles_without_records_are_dropped_as_empty_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        let store = Arc::new(store);
+        assert_eq!(store.drop_empty_tail().unwrap(), None);
+        let mut app = store.create_file("n1", FileHeader::first(1)).unwrap();
+        let r = record(1, 100);
+        let mut buf = Vec::new();
+        encode_record(&r.header, &r.payload, &mut buf);
+        app.append(&buf, 1).unwrap();
+        store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+        let end = app.end_pos();
+        for file_seq in [2, 3] {
+            let h = FileHeader {
+                file_seq,
+                start_pos: end,
+                first_seq: 2,
+                generation: 1,
+            };
+            store.create_file("n1", h).unwrap();
+        }
+        assert_eq!(store.drop_empty_tail().unwrap(), Some(end));
+        assert_eq!(store.files().len(), 1);
+        assert_eq!(store.end(), Some((end, 2)));
+        // The file with a record stays, also after a reopen.
+        assert_eq!(store.drop_empty_tail().unwrap(), None);
+        drop(store);
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        assert_eq!(store.files().len(), 1);
     }
 
     #[test]

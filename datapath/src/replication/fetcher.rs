@@ -67,11 +67,24 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
         start_pos: 0,
     };
     let store = Arc::clone(res.store());
-    let mut appender: Option<Appender> = tokio::task::block_in_place(|| store.resume_last())
-        .map_err(|e| FetchError::Local(e.to_string()))?;
+    // The source sends a logfile's header with its first records, so a
+    // newest file without records is dropped and fetched anew: its number
+    // may belong to another file there (a new primary's first logfile).
+    let (dropped_at, mut appender) = tokio::task::block_in_place(|| {
+        let dropped_at = store.drop_empty_tail()?;
+        Ok::<_, crate::log::Error>((dropped_at, store.resume_last()?))
+    })
+    .map_err(|e| FetchError::Local(e.to_string()))?;
     let (from_pos, file_seq) = match &appender {
         Some(a) => (a.end_pos(), store.files().last().map(|f| f.file_seq)),
-        None => (res.meta().sync.map_or(0, |s| s.start_pos), None),
+        None => (
+            res.meta()
+                .sync
+                .map(|s| s.start_pos)
+                .or(dropped_at)
+                .unwrap_or(0),
+            None,
+        ),
     };
     let (mut conn, _) =
         proto::connect(&addr, &cluster.hello(Purpose::Rpc), Some(&primary.node)).await?;

@@ -181,6 +181,12 @@ pub enum Message {
         start_pos: u64,
         size: u64,
         generation: u64,
+        /// Sequence number of the record at `start_pos`, so that the
+        /// replica's log continues the history's numbering even if it
+        /// becomes primary before it has seen a record. 0 (from older
+        /// peers): learnt from the first record.
+        #[serde(default)]
+        next_seq: u64,
     },
     /// Rpc, to the primary: digests of `count` chunks of `chunk` bytes from `offset`.
     Checksums {

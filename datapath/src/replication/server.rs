@@ -136,16 +136,19 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
             let Some((res, logger)) = node.primary_of(&resource) else {
                 return refuse(s, format!("{} is not primary of {resource}", node.name())).await;
             };
-            let start_pos = res
-                .counters()
-                .appended
-                .load(std::sync::atomic::Ordering::Acquire);
+            // Position and sequence number of one moment: the end of
+            // what the log store has noted (every record before it is in
+            // the overlay or on the device, so the copy holds it).
+            let Some((start_pos, next_seq)) = res.store().end() else {
+                return refuse(s, format!("{resource} has no log on {}", node.name())).await;
+            };
             res.pin(&joiner, start_pos);
             tracing::info!(resource = %resource, node = %joiner, pos = start_pos, "replica starts a full sync");
             Message::SyncStarted {
                 start_pos,
                 size: logger.size(),
                 generation: res.meta().generation,
+                next_seq,
             }
         }
         Message::Checksums {
