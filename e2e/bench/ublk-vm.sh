@@ -32,50 +32,68 @@ drain() {
   [ -z "$base_dev" ] || drain1 adm_base
 }
 
+# counter ADM NAME: that marsd's log counter NAME ("appended", "written_back").
+counter() {
+  $1 view vol --json | grep -o "\"$2\": *[0-9]*" | head -1 | grep -o '[0-9]*$'
+}
+
 # drain1 ADM: until that marsd has written back everything (at most 60 s).
 drain1() {
-  # (sh has no local variables: names unused elsewhere)
+  # (sh has no local variables: each function's names carry its prefix)
   d_i=0
   while [ $d_i -lt 600 ]; do
-    d_j=$($1 view vol --json)
-    d_a=$(echo "$d_j" | grep -o '"appended": *[0-9]*' | head -1 | grep -o '[0-9]*$')
-    d_w=$(echo "$d_j" | grep -o '"written_back": *[0-9]*' | head -1 | grep -o '[0-9]*$')
+    d_a=$(counter $1 appended)
+    d_w=$(counter $1 written_back)
     [ -n "$d_a" ] && [ "$d_a" = "$d_w" ] && return 0
     sleep 0.1; d_i=$((d_i+1))
   done
   echo "BENCH-NOTE writeback did not drain within 60 s (appended $d_a, written back $d_w)"
 }
 
-# one LABEL DEV WORKLOAD: prints BENCH LABEL WORKLOAD VALUE UNIT
+# one LABEL DEV WORKLOAD: prints BENCH LABEL WORKLOAD VALUE UNIT. Its
+# variables carry the prefix o_: sh has no local variables, and a plain
+# `dev=$2` here once overwrote the caller's $dev, so that every "mars" run
+# after a rublk run measured rublk's device (e2e/bench/README.md).
 one() {
-  label=$1 dev=$2 w=$3
-  drain
-  sync; echo 3 >/proc/sys/vm/drop_caches
-  case $w in
-    seq-write-1M)
-      s=$(now); dd if=/dev/zero of="$dev" bs=1M count=$MB oflag=direct conv=fsync 2>/dev/null; e=$(now)
-      echo "BENCH $label $w $(mbps "$s" "$e" $MB) MiB/s" ;;
-    seq-read-1M)
-      s=$(now); dd if="$dev" of=/dev/null bs=1M count=$MB iflag=direct 2>/dev/null; e=$(now)
-      echo "BENCH $label $w $(mbps "$s" "$e" $MB) MiB/s" ;;
-    rand-*)
-      rw=${w#rand-}; rw=${rw%-4k-qd32}
-      iops=$(fio --name=b --filename="$dev" --direct=1 --ioengine=libaio --iodepth=32 --rw=$rw --bs=4k \
-               --size=${MB}M --time_based --runtime=$FIO_S --output-format=terse --terse-version=3 2>/dev/null |
-             awk -F';' -v rw=$rw '{print (rw=="randread") ? $8 : $49}')
-      echo "BENCH $label $w ${iops:-0} IOPS" ;;
+  o_label=$1 o_dev=$2 o_w=$3
+  case $o_label in
+    mars) o_adm=adm ;;
+    mars-base) o_adm=adm_base ;;
+    *) o_adm= ;;
   esac
-  # What a mars write run left to write back, and how long that took (not
-  # in its figure; `written_back` moves every 0.5 s, so up to that much
-  # too high).
-  case "$label $w" in
-    mars*write*)
-      if [ "$label" = mars ]; then t_adm=adm; else t_adm=adm_base; fi
-      t_j=$($t_adm view vol --json)
-      t_a=$(echo "$t_j" | grep -o '"appended": *[0-9]*' | head -1 | grep -o '[0-9]*$')
-      t_w=$(echo "$t_j" | grep -o '"written_back": *[0-9]*' | head -1 | grep -o '[0-9]*$')
-      s=$(now); drain1 $t_adm; e=$(now)
-      echo "BENCH-TAIL $label $w backlog $(( (t_a - t_w) >> 20 )) MiB, written back $(awk -v s="$s" -v e="$e" 'BEGIN{printf "%.1f", e-s}') s later" ;;
+  drain
+  [ -z "$o_adm" ] || o_before=$(counter $o_adm appended)
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  case $o_w in
+    seq-write-1M)
+      o_s=$(now); dd if=/dev/zero of="$o_dev" bs=1M count=$MB oflag=direct conv=fsync 2>/dev/null; o_e=$(now)
+      echo "BENCH $o_label $o_w $(mbps "$o_s" "$o_e" $MB) MiB/s" ;;
+    seq-read-1M)
+      o_s=$(now); dd if="$o_dev" of=/dev/null bs=1M count=$MB iflag=direct 2>/dev/null; o_e=$(now)
+      echo "BENCH $o_label $o_w $(mbps "$o_s" "$o_e" $MB) MiB/s" ;;
+    rand-*)
+      o_rw=${o_w#rand-}; o_rw=${o_rw%-4k-qd32}
+      o_iops=$(fio --name=b --filename="$o_dev" --direct=1 --ioengine=libaio --iodepth=32 --rw=$o_rw --bs=4k \
+               --size=${MB}M --time_based --runtime=$FIO_S --output-format=terse --terse-version=3 2>/dev/null |
+             awk -F';' -v rw=$o_rw '{print (rw=="randread") ? $8 : $49}')
+      echo "BENCH $o_label $o_w ${o_iops:-0} IOPS" ;;
+  esac
+  [ -n "$o_adm" ] || return 0
+  case $o_w in
+    *write*)
+      # A write run on a mars device must reach that marsd's log: else the
+      # figure is some other device's.
+      o_a=$(counter $o_adm appended)
+      o_wb=$(counter $o_adm written_back)
+      if [ -z "$o_a" ] || [ "$o_a" = "$o_before" ]; then
+        echo "BENCH-ERROR $o_label $o_w: $o_dev is not served by the $o_label marsd (its log did not grow)"
+        exit 1
+      fi
+      # What the run left to write back, and how long that took (not in
+      # its figure; `written_back` moves every 0.5 s, so up to that much
+      # too high).
+      o_s=$(now); drain1 $o_adm; o_e=$(now)
+      echo "BENCH-TAIL $o_label $o_w backlog $(( (o_a - o_wb) >> 20 )) MiB, written back $(awk -v s="$o_s" -v e="$o_e" 'BEGIN{printf "%.1f", e-s}') s later" ;;
   esac
 }
 
@@ -94,8 +112,8 @@ start_mars() {
   $3 --root /tmp/$1/root up vol | grep -o '/dev/ublkb[0-9]*'
 }
 base_dev=""
-dev=$(start_mars mars marsd marsadm 7000)
-waitdev "$dev" || { echo "BENCH-ERROR mars device missing"; exit 1; }
+mars_dev=$(start_mars mars marsd marsadm 7000)
+waitdev "$mars_dev" || { echo "BENCH-ERROR mars device missing"; exit 1; }
 if command -v marsd-base >/dev/null; then
   base_dev=$(start_mars mars-base marsd-base marsadm-base 7001)
   waitdev "$base_dev" || { echo "BENCH-ERROR mars-base device missing"; exit 1; }
@@ -109,9 +127,9 @@ while [ $r -le "$ROUNDS" ]; do
     one rublk-loop /dev/ublkb5 "$w"
     # mars and mars-base take turns at going first.
     if [ $((r % 2)) = 0 ] && [ -n "$base_dev" ]; then
-      one mars-base "$base_dev" "$w"; one mars "$dev" "$w"
+      one mars-base "$base_dev" "$w"; one mars "$mars_dev" "$w"
     else
-      one mars "$dev" "$w"; [ -z "$base_dev" ] || one mars-base "$base_dev" "$w"
+      one mars "$mars_dev" "$w"; [ -z "$base_dev" ] || one mars-base "$base_dev" "$w"
     fi
   done
   r=$((r+1))
