@@ -697,11 +697,12 @@ impl Node {
         primary_here: bool,
     ) -> bool {
         let meta = res.meta();
-        let deposed = primary_here && meta.generation < p.generation;
-        let log_gen = res.last_file_generation().unwrap_or(p.generation);
+        // `p` is another node: in our generation too it was forced primary
+        // concurrently, and the cluster state chose it.
+        let deposed = primary_here && meta.generation <= p.generation;
+        let fork = res.fork_from(p);
         let end = res.log_end();
-        let stale_tail =
-            !primary_here && !meta.split_brain && log_gen < p.generation && end > p.start_pos;
+        let stale_tail = !primary_here && !meta.split_brain && fork.is_some();
         if !deposed && !stale_tail {
             return res.acting.load(Ordering::Acquire);
         }
@@ -712,7 +713,6 @@ impl Node {
         let name = res.name().to_string();
         let node = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let fork = p.start_pos;
             let result = if deposed {
                 tracing::warn!(resource = %name, new_primary = %p.node, generation = p.generation, "a newer primary exists: this node stops taking writes");
                 // Its device goes unless something holds it (then its I/O fails
@@ -734,6 +734,10 @@ impl Node {
                     rt.stop();
                 }
                 let applied = res.counters().written_back.load(Ordering::Acquire);
+                // Asked again now that writes have stopped.
+                let Some(fork) = res.fork_from(&p) else {
+                    return Ok(());
+                };
                 if end <= fork {
                     Ok(())
                 } else if !deposed && applied <= fork {

@@ -14,6 +14,7 @@ use crate::applicator::{self, Applicator, Position};
 use crate::frontend::{BlockIo, IoError};
 use crate::log::{self, LogStore};
 use crate::logger::{Counters, Logger, LoggerConfig, StartPoint};
+use crate::membership::PrimaryInfo;
 use crate::quota::LogQuota;
 use crate::storage::{File, OpenMode, Storage};
 
@@ -400,16 +401,13 @@ impl Resource {
                 source,
             })?
             .unwrap_or_default();
-        // The written-back (applied) position never passes the durable end
-        // of the log: recovery must not cut the log below it.
-        let durable = written_back
-            .pos
-            .max(
-                LogStore::durable_floor(&*storage, dir).map_err(|source| Error::Log {
+        let durable =
+            LogStore::durable_floor(&*storage, dir, written_back.pos).map_err(|source| {
+                Error::Log {
                     resource: name.clone(),
                     source,
-                })?,
-            );
+                }
+            })?;
         let copied = meta.role != Role::Primary;
         let (store, _recovered) =
             LogStore::open_durable(Arc::clone(&storage), dir, durable, copied).map_err(
@@ -771,8 +769,30 @@ impl Resource {
     }
 
     /// Generation of the newest local logfile.
-    pub(crate) fn last_file_generation(&self) -> Option<u64> {
-        self.store.files().last().map(|f| f.header.generation)
+    /// Where this replica's log leaves the history of primary `p`, if it
+    /// holds anything past that point. A history is a generation *and* the
+    /// node that started it (a logfile's origin): two partitions may each
+    /// force a primary into the same next generation. Records of an older
+    /// generation past `p`'s start are not `p`'s, nor is a logfile of `p`'s
+    /// generation written by another node. Logfiles of a newer generation
+    /// than `p` are not judged (gossip about that primary is still on its
+    /// way).
+    pub(crate) fn fork_from(&self, p: &PrimaryInfo) -> Option<u64> {
+        let files = self.store.files();
+        let fork = files
+            .iter()
+            .filter_map(|f| {
+                let g = f.header.generation;
+                if g < p.generation && f.end_pos > p.start_pos {
+                    Some(p.start_pos.max(f.header.start_pos))
+                } else if g == p.generation && f.origin != p.node {
+                    Some(f.header.start_pos)
+                } else {
+                    None
+                }
+            })
+            .min()?;
+        (self.log_end() > fork).then_some(fork)
     }
 
     /// Cuts the local log back to the fork point of a new history (only

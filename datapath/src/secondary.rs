@@ -217,9 +217,9 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
     // The applier never passes the persisted durable floor of the local
     // copy: a recovery that cuts a torn tail of the copy (the primary's
     // sync claims say nothing about it) never cuts under applied data.
-    let mut floor = crate::log::LogStore::durable_floor(&**res.storage(), res.store().dir())
-        .unwrap_or(0)
-        .max(start.pos);
+    let mut floor =
+        crate::log::LogStore::durable_floor(&**res.storage(), res.store().dir(), start.pos)
+            .unwrap_or(start.pos);
     while !stop.load(Ordering::Acquire) {
         let applied = app.applied();
         if applied.pos > handed && last_handoff.elapsed() >= PERSIST_INTERVAL {

@@ -478,6 +478,99 @@ fn a_replica_behind_a_new_primary_catches_up() {
     });
 }
 
+/// Two partitions may each force a primary while the old one is down:
+/// both take the next generation number, so "same generation" no longer
+/// means "same history". The cluster state keeps one of them; the other
+/// must see that its history was deposed (split brain if it logged
+/// anything), never keep taking writes next to the winner nor append the
+/// winner's records to its own. Until the history's identity included the
+/// node that started it, the loser compared only generation numbers: it
+/// stayed primary beside the winner.
+#[test]
+fn concurrent_forced_failovers_in_two_partitions_end_in_one_history() {
+    let Some(mut c) = start_or_skip(&["a", "b", "c"]) else {
+        return;
+    };
+    run(&mut c, |c| {
+        const SIZE: u64 = 16 << 20;
+        replicate_r1_from_a(c)?;
+        c.host_mut("a").kill9()?;
+        c.cut_between("b", "c")?;
+        for h in ["b", "c"] {
+            wait_for(
+                &format!("{h} sees a unreachable"),
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                || Ok((c.host(h).replica("r1", "a")?["connected"] == false).then_some(())),
+            )?;
+        }
+        let mut patterns = Vec::new();
+        for (h, tag) in [("b", 0xbbu8), ("c", 0xcc)] {
+            c.host(h).marsadm_ok(&["primary", "r1", "--force"])?;
+            let mut nbd = c.host(h).nbd("r1")?;
+            nbd.write(1 << 20, &vec![tag; 1 << 20], false)?;
+            nbd.flush()?;
+            nbd.disconnect()?;
+            patterns.push((h, tag));
+        }
+        c.restore_between("b", "c")?;
+        // One of them stays primary; the other is deposed with its writes.
+        let (winner, loser) = wait_for(
+            "one primary and a split brain",
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || {
+                let (vb, vc) = (c.host("b").resource("r1")?, c.host("c").resource("r1")?);
+                Ok(match (vb["role"].as_str(), vc["role"].as_str()) {
+                    (Some("primary"), Some("secondary")) if vc["split_brain"] == true => {
+                        Some(("b", "c"))
+                    }
+                    (Some("secondary"), Some("primary")) if vb["split_brain"] == true => {
+                        Some(("c", "b"))
+                    }
+                    _ => None,
+                })
+            },
+        )
+        .map_err(|e| {
+            let (vb, vc) = (c.host("b").resource("r1"), c.host("c").resource("r1"));
+            e.context(format!("b: {vb:#?}\nc: {vc:#?}"))
+        })?;
+        let tag = |h: &str| patterns.iter().find(|(n, _)| *n == h).unwrap().1;
+        let dev = c.device(winner, "r1", SIZE)?;
+        ensure!(
+            dev[1 << 20..2 << 20].iter().all(|&x| x == tag(winner)),
+            "{winner}'s device lost its own write or holds {loser}'s"
+        );
+        c.host(loser).marsadm_ok(&["invalidate", "r1"])?;
+        c.host_mut("a").restart()?;
+        for h in ["a", loser] {
+            wait_for(
+                &format!("{h} follows {winner}"),
+                Duration::from_secs(30),
+                Duration::from_millis(200),
+                || {
+                    let v = c.host(h).resource("r1")?;
+                    if v["split_brain"] == true && v["role"] == "secondary" {
+                        c.host(h).marsadm_ok(&["invalidate", "r1"])?;
+                    }
+                    Ok((v["split_brain"] == false && v["primary"] == winner).then_some(()))
+                },
+            )?;
+        }
+        c.wait_ok(winner, "r1", 60)?;
+        let dev = c.device(winner, "r1", SIZE)?;
+        for h in ["a", loser] {
+            mars_e2e::check::same(
+                &format!("{h}'s backing file against {winner}'s device"),
+                &dev,
+                &c.backing(h, "r1", SIZE)?,
+            )?;
+        }
+        Ok(())
+    });
+}
+
 /// Hosts a, b, c with 1 MiB logfiles (so that many logfiles come and go).
 fn three_hosts_small_logfiles() -> Option<mars_e2e::Cluster> {
     let opts = Options {

@@ -214,16 +214,18 @@ impl LogStore {
             .map_err(Error::io(&path))
     }
 
-    /// The durable floor persisted in `dir` by [`LogStore::persist_durable`]
-    /// (0 if none).
-    pub fn durable_floor(storage: &dyn Storage, dir: &Path) -> Result<u64> {
+    /// How far the log in `dir` is known durable: the written-back (or
+    /// applied) position `written_back`, which never passes the durable end
+    /// of the log, or the floor persisted by [`LogStore::persist_durable`]
+    /// if that is higher. Recovery never cuts the log below it.
+    pub fn durable_floor(storage: &dyn Storage, dir: &Path, written_back: u64) -> Result<u64> {
         let path = dir.join(DURABLE_FILE);
         if !storage.exists(&path) {
-            return Ok(0);
+            return Ok(written_back);
         }
         let bytes = storage.read_file(&path).map_err(Error::io(&path))?;
         serde_json::from_slice::<DurableFloor>(&bytes)
-            .map(|f| f.durable)
+            .map(|f| f.durable.max(written_back))
             .map_err(|e| Error::Corruption {
                 path,
                 offset: 0,

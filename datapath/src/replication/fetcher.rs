@@ -55,6 +55,16 @@ enum FetchError {
 
 async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), FetchError> {
     let (source, designated) = source(res, cluster)?;
+    // Records of another history must not be continued with the primary's:
+    // the reconcile loop cuts them off or reports split brain first.
+    if let Some(p) = cluster.primary_of(res.name())
+        && let Some(fork) = res.fork_from(&p)
+    {
+        return Err(FetchError::Bad(format!(
+            "our log leaves the history of {} (generation {}) at position {fork}",
+            p.node, p.generation
+        )));
+    }
     let addr = cluster
         .addr_of(&source)
         .ok_or_else(|| FetchError::NoAddress(source.clone()))?;
