@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -133,18 +134,33 @@ pub struct Persister {
     device: Arc<dyn File>,
     device_path: PathBuf,
     position_path: PathBuf,
+    /// A sync of the device failed: no position is persisted any more.
+    failed: Arc<AtomicBool>,
 }
 
 impl Persister {
     /// Syncs the device, then stores `pos`: everything before `pos` must
     /// have been written to the device before this call. Never call it
     /// with a position behind one already persisted.
+    ///
+    /// After a failed sync it refuses for good (until a restart replays the
+    /// log from the persisted position): Linux marks the pages of a failed
+    /// writeback clean, so a later sync that succeeds would not cover them.
     pub fn persist(&self, pos: Position) -> Result<()> {
-        self.device.sync_data().map_err(|source| Error::Device {
+        let failed = |source| Error::Device {
             device: self.device_path.clone(),
             pos: pos.pos,
             seq: pos.next_seq,
             source,
+        };
+        if self.failed.load(Ordering::Acquire) {
+            return Err(failed(std::io::Error::other(
+                "an earlier sync of the device failed; restart marsd to apply again from the persisted position",
+            )));
+        }
+        self.device.sync_data().map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            failed(e)
         })?;
         pos.store(&*self.storage, &self.position_path)
     }
@@ -182,6 +198,7 @@ impl Applicator {
                 device,
                 device_path,
                 position_path,
+                failed: Arc::default(),
             },
             position: start,
             applied: start,
@@ -520,5 +537,68 @@ mod tests {
         let err = f.applicator(START).apply_all().unwrap_err();
         assert!(err.to_string().contains("grow the device first"), "{err}");
         assert_eq!(Position::load(&*f.storage, &f.pos_path).unwrap(), None);
+    }
+
+    /// After a failed device sync no position is persisted any more, even
+    /// when a later sync would succeed: the failed one may have lost pages
+    /// that a later one does not cover (the simulated disk loses them).
+    #[test]
+    fn a_failed_device_sync_stops_persisting_positions_for_good() {
+        use crate::storage::sim::{CrashMode, Faults, SimStorage};
+        let sim = SimStorage::new(7);
+        sim.mkdir_durable(Path::new("/d"));
+        sim.mkdir_durable(Path::new("/d/log"));
+        let storage: Arc<dyn Storage> = Arc::new(sim.clone());
+        let dev_path = PathBuf::from("/d/dev");
+        let dev = storage.open(&dev_path, OpenMode::CreateNew).unwrap();
+        storage.sync_dir(Path::new("/d")).unwrap();
+        let (store, _) = LogStore::open(Arc::clone(&storage), Path::new("/d/log")).unwrap();
+        let app = Applicator::new(
+            Arc::new(store),
+            Arc::clone(&storage),
+            Arc::clone(&dev),
+            dev_path.clone(),
+            PathBuf::from("/d/pos"),
+            START,
+        );
+        let p = app.persister();
+        dev.write_all_at(&[1; 4096], 0).unwrap();
+        p.persist(Position {
+            pos: 10,
+            next_seq: 2,
+        })
+        .unwrap();
+        dev.write_all_at(&[2; 4096], 0).unwrap();
+        sim.set_faults(Faults {
+            sync_eio: 1.0,
+            ..Faults::default()
+        });
+        assert!(
+            p.persist(Position {
+                pos: 20,
+                next_seq: 3
+            })
+            .is_err()
+        );
+        sim.set_faults(Faults::default());
+        let err = p
+            .persist(Position {
+                pos: 30,
+                next_seq: 4,
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("earlier sync of the device failed"),
+            "{err}"
+        );
+        let after = sim.crash(CrashMode::DropUnsynced);
+        assert_eq!(
+            Position::load(&after, Path::new("/d/pos"))
+                .unwrap()
+                .map(|p| p.pos),
+            Some(10),
+            "a position past the failed sync was persisted"
+        );
     }
 }

@@ -192,6 +192,9 @@ pub(crate) struct Shared {
     pub log_done: AtomicBool,
     /// Last writeback error, for `view`.
     pub wb_error: Mutex<Option<String>>,
+    /// A sync of the backing device failed: the written-back position
+    /// stays where it is until a restart (see writeback.rs `persist`).
+    pub device_failed: AtomicBool,
     /// How far the log is durable *with evidence a recovery can see*: a
     /// durable record whose `unsynced` claim reaches here, a newer logfile
     /// (created only after a sync of the previous one) or the durable floor
@@ -217,6 +220,22 @@ impl Shared {
                 source,
             }
         }
+    }
+
+    /// An fdatasync of the log through `sync`. Once one failed, none counts
+    /// any more: Linux marks the pages of a failed writeback clean, so a
+    /// later fdatasync that succeeds says nothing about them (they are lost
+    /// on disk while reads still return them).
+    fn sync_log(&self, sync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(
+                "an earlier fdatasync of the log failed; restart marsd to recover",
+            ));
+        }
+        sync().inspect_err(|e| {
+            tracing::error!(resource = %self.cfg.resource, error = %e, "fdatasync of the log failed; refusing further writes and flushes");
+            self.failed.store(true, Ordering::Release);
+        })
     }
 
     /// Asks the syncer to make the log durable up to what is appended now.
@@ -345,6 +364,7 @@ impl Logger {
             }),
             wb_cv: Condvar::new(),
             failed: AtomicBool::new(false),
+            device_failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             log_done: AtomicBool::new(false),
             wb_error: Mutex::new(None),
@@ -682,7 +702,7 @@ fn log_loop(
         commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
     }
     // Closing: make everything appended durable for writeback.
-    match appender.sync() {
+    match shared.sync_log(|| appender.sync()) {
         Ok(()) => shared.synced_to(appender.end_pos()),
         Err(e) => {
             tracing::error!(resource = %shared.cfg.resource, error = %e, "final sync of the log failed")
@@ -885,7 +905,9 @@ fn commit(
 
 /// Makes the current logfile durable and starts the next one.
 fn rotate(shared: &Shared, appender: &mut Appender, file_seq: &mut u64) -> Result<(), IoError> {
-    appender.sync().map_err(|e| shared.io_err(e))?;
+    shared
+        .sync_log(|| appender.sync())
+        .map_err(|e| shared.io_err(e))?;
     shared.synced_to(appender.end_pos());
     let header = FileHeader {
         file_seq: *file_seq + 1,
@@ -928,7 +950,7 @@ fn sync_loop(shared: Arc<Shared>) {
             (Arc::clone(&a.file), a.appended)
         };
         let res = if target > shared.flushed() {
-            file.sync_data()
+            shared.sync_log(|| file.sync_data())
         } else {
             Ok(())
         };
@@ -942,8 +964,6 @@ fn sync_loop(shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                tracing::error!(resource = %shared.cfg.resource, error = %e, "fdatasync of the log failed; refusing further writes");
-                shared.failed.store(true, Ordering::Release);
                 for w in waiters {
                     let _ = w.reply.send(Err(shared.io_err(clone_io(&e))));
                 }

@@ -157,7 +157,9 @@ fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str) -> bool {
     loop {
         match apply_record(&*shared.backing, &shared.cfg.backing_path, p.pos, &p.record) {
             Ok(()) => {
-                shared.wb_error.lock().expect("wb error lock").take();
+                if !shared.device_failed.load(Ordering::Acquire) {
+                    shared.wb_error.lock().expect("wb error lock").take();
+                }
                 return true;
             }
             Err(e) => {
@@ -178,11 +180,21 @@ fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str) -> bool {
 /// Syncs the device, persists the written-back position, deletes logfiles
 /// that are entirely written back and returns their space to the quota.
 fn persist(shared: &Shared, written: &mut Position, persisted: &mut u64, resource: &str) {
-    if written.pos <= *persisted {
+    if written.pos <= *persisted || shared.device_failed.load(Ordering::Acquire) {
         return;
     }
     if let Err(e) = shared.backing.sync_data() {
-        tracing::error!(%resource, error = %e, "syncing the backing device failed; position not advanced");
+        // Linux marks the pages of a failed writeback clean: a later sync
+        // that succeeds would not cover what this one lost. So the position
+        // stays here and the log keeps every record after it; a restart
+        // writes them back again (the log is the truth).
+        shared.device_failed.store(true, Ordering::Release);
+        let msg = format!(
+            "syncing the backing device failed ({e}); the written-back position stays at {} until marsd restarts (the log keeps every record after it)",
+            *persisted
+        );
+        tracing::error!(%resource, "{msg}");
+        *shared.wb_error.lock().expect("wb error lock") = Some(msg);
         return;
     }
     if let Err(e) = written.store(&*shared.storage, &shared.cfg.position_path) {

@@ -436,7 +436,8 @@ impl LogStore {
 
     /// Cuts the log back to `pos` (a record boundary): later logfiles are
     /// deleted, the one holding `pos` is truncated there. Used when a
-    /// replica learns that records past `pos` belong to a deposed history.
+    /// replica learns that records past `pos` belong to a deposed history,
+    /// and when a sync of a fetched copy failed past `pos`.
     /// Returns bytes freed.
     pub fn truncate_to(&self, pos: u64) -> Result<u64> {
         let files = self.files();
@@ -450,7 +451,7 @@ impl LogStore {
                     .remove_file(&f.path)
                     .map_err(Error::io(&f.path))?;
                 freed += f.end_pos - f.header.start_pos;
-                tracing::warn!(file = %f.path.display(), "deleted logfile of a deposed history");
+                tracing::warn!(file = %f.path.display(), pos, "cutting the log back: deleted logfile");
             } else {
                 let file = self
                     .storage
@@ -470,7 +471,7 @@ impl LogStore {
                     .map_err(Error::io(&f.path))?;
                 file.sync_data().map_err(Error::io(&f.path))?;
                 freed += f.end_pos - pos;
-                tracing::warn!(file = %f.path.display(), pos, "cut logfile back to the fork point");
+                tracing::warn!(file = %f.path.display(), pos, "cutting the log back: truncated logfile");
                 let mut list = self.files.lock().expect("log store lock");
                 if let Some(l) = list.iter_mut().find(|l| l.file_seq == f.file_seq) {
                     l.end_pos = pos;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::proto::{self, Frame, Message, Purpose};
 use crate::cluster::{Cluster, PEER_TIMEOUT};
-use crate::log::Appender;
 use crate::log::format::{self, FileHeader};
+use crate::log::{Appender, LogStore};
 use crate::resource::Resource;
 
 /// Sync the local copy at least this often while records arrive.
@@ -147,8 +147,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                         )));
                     }
                     // The previous file is complete: make it durable before the next begins.
-                    tokio::task::block_in_place(|| a.sync())
-                        .map_err(|e| FetchError::Local(e.to_string()))?;
+                    sync(a, &store, counters)?;
                 }
                 let a = tokio::task::block_in_place(|| store.create_file(&origin, header))
                     .map_err(|e| FetchError::Local(e.to_string()))?;
@@ -171,14 +170,14 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                 store.note_append(a.start_pos(), a.end_pos(), a.next_seq());
                 counters.appended.store(a.end_pos(), Ordering::Release);
                 if last_sync.elapsed() >= SYNC_INTERVAL {
-                    sync(a, counters)?;
+                    sync(a, &store, counters)?;
                     last_sync = Instant::now();
                 }
                 res.repl_error.lock().expect("error lock").take();
             }
             Message::Idle { .. } => {
                 if let Some(a) = &appender {
-                    sync(a, counters)?;
+                    sync(a, &store, counters)?;
                     last_sync = Instant::now();
                 }
             }
@@ -187,9 +186,29 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
     }
 }
 
-fn sync(a: &Appender, counters: &crate::logger::Counters) -> Result<(), FetchError> {
-    if counters.flushed.load(Ordering::Acquire) < a.end_pos() {
-        tokio::task::block_in_place(|| a.sync()).map_err(|e| FetchError::Local(e.to_string()))?;
+fn sync(
+    a: &Appender,
+    store: &LogStore,
+    counters: &crate::logger::Counters,
+) -> Result<(), FetchError> {
+    let flushed = counters.flushed.load(Ordering::Acquire);
+    if flushed < a.end_pos() {
+        if let Err(e) = tokio::task::block_in_place(|| a.sync()) {
+            // Linux marks the pages of a failed writeback clean: what was
+            // fetched since the last good sync may be lost on disk, and a
+            // later sync would not say so. Cut the copy back to what is
+            // durable; the next fetch writes the rest again.
+            let cut = tokio::task::block_in_place(|| store.truncate_to(flushed));
+            counters.appended.store(flushed, Ordering::Release);
+            return Err(FetchError::Local(match cut {
+                Ok(_) => {
+                    format!("syncing the log copy failed ({e}); cut back to position {flushed}")
+                }
+                Err(c) => format!(
+                    "syncing the log copy failed ({e}), and cutting it back to position {flushed} failed too: {c}"
+                ),
+            }));
+        }
         counters.set_flushed(a.end_pos());
     }
     Ok(())

@@ -422,12 +422,27 @@ impl File for SimFile {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let faults = d.faults;
         if d.roll(faults.sync_eio) {
+            // As Linux does after a failed writeback, the pages count as
+            // clean: each unsynced change reached the disk or is lost for
+            // good, although reads still return it (a later sync that
+            // succeeds does not bring it back).
+            let changes =
+                std::mem::take(&mut d.inodes.get_mut(&self.ino).expect("open inode").unsynced);
+            let kept: Vec<Change> = changes
+                .into_iter()
+                .filter(|_| d.rng.random::<bool>())
+                .collect();
+            let inode = d.inodes.get_mut(&self.ino).expect("open inode");
+            for c in &kept {
+                apply(&mut inode.durable, c);
+            }
             return Err(eio("sync"));
         }
         d.tick()?;
         let inode = d.inodes.get_mut(&self.ino).expect("open inode");
-        inode.durable = inode.live.clone();
-        inode.unsynced.clear();
+        for c in std::mem::take(&mut inode.unsynced) {
+            apply(&mut inode.durable, &c);
+        }
         Ok(())
     }
 
