@@ -23,12 +23,29 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// How often resources that failed to load are tried again.
+const RETRY_BROKEN: Duration = Duration::from_secs(5);
+
 impl Node {
     /// Starts the peer server on `listener`, the gossip links and the
     /// reconcile loop. Needs a (multi-threaded) tokio runtime.
     pub fn start_replication(self: &Arc<Self>, listener: tokio::net::TcpListener) {
         tokio::spawn(server::serve(listener, Arc::clone(self)));
         tokio::spawn(links::run(Arc::clone(&self.cluster)));
+        // Resources that failed to load are tried again now and then.
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RETRY_BROKEN).await;
+                if node.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                if node.has_broken() {
+                    let n = Arc::clone(&node);
+                    let _ = tokio::task::spawn_blocking(move || n.retry_broken()).await;
+                }
+            }
+        });
         let node = Arc::clone(self);
         tokio::spawn(async move {
             let mut caught_up = HashMap::new();

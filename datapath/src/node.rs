@@ -203,6 +203,52 @@ impl Node {
         Ok(())
     }
 
+    /// Tries again to load the resources that failed to (a state root
+    /// that was full or failing at start-up may have recovered since).
+    /// Blocking: a load replays the log.
+    pub(crate) fn retry_broken(&self) {
+        let names: Vec<(String, String)> = self
+            .broken
+            .read()
+            .expect("broken lock")
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        for (name, why) in names {
+            let _creating = self.create_lock.lock().expect("create lock");
+            if !self.broken.read().expect("broken lock").contains_key(&name) {
+                continue; // deleted meanwhile
+            }
+            let dir = self.cfg.root.join(format!("resource-{name}"));
+            match Resource::load(
+                Arc::clone(&self.storage),
+                &dir,
+                self.settings(),
+                Arc::clone(&self.quota),
+            ) {
+                Ok(r) => {
+                    tracing::info!(resource = %name, role = r.meta().role.as_str(), "resource restored after an earlier failure");
+                    self.resources
+                        .write()
+                        .expect("resources lock")
+                        .insert(name.clone(), r);
+                    self.broken.write().expect("broken lock").remove(&name);
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if e != why {
+                        tracing::error!(resource = %name, error = %e, "resource could still not be restored");
+                        self.broken.write().expect("broken lock").insert(name, e);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn has_broken(&self) -> bool {
+        !self.broken.read().expect("broken lock").is_empty()
+    }
+
     pub fn name(&self) -> &str {
         &self.cfg.node
     }
