@@ -609,6 +609,11 @@ impl Resource {
         &self.counters
     }
 
+    /// The counters, to keep beyond a borrow of the resource.
+    pub fn counters_arc(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
     pub fn opens(&self) -> usize {
         self.opens.load(Ordering::Acquire)
     }

@@ -8,6 +8,13 @@
 //! (a handover, a failover), the request is retried against whichever node
 //! the cluster names primary now, for up to [`RETRY_FOR`]: block requests
 //! in flight have no order among themselves, so re-sending one is safe.
+//!
+//! Replication is asynchronous, so a forced failover may lose writes the
+//! old primary acknowledged. A file system on this device would then go on
+//! over data that changed under it. So the device remembers how far in the
+//! log its acknowledged writes reached (and in which history); a new
+//! primary whose history starts before that point fails every further
+//! request with EIO until the device is detached and attached again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{BlockIo, IoError, libc_errno};
 use crate::cluster::Cluster;
+use crate::membership::PrimaryInfo;
 use crate::replication::proto::{self, Frame, Message, Purpose};
 
 /// How long a request keeps trying to reach a primary before it fails.
@@ -45,13 +53,22 @@ pub struct RemoteVolume {
     size: AtomicU64,
     next_id: AtomicU64,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// The history of the last acknowledged write, zeroing or flush and
+    /// the primary's log end when it completed.
+    acked: Mutex<Option<(PrimaryInfo, u64)>>,
+    /// Why this device fails every request (acknowledged writes may be lost).
+    lost: Mutex<Option<String>>,
 }
 
-type Reply = (i32, Bytes);
+/// errno, data, log end.
+type Reply = (i32, Bytes, u64);
 
 struct Conn {
     tx: mpsc::Sender<(Message, Bytes)>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    /// The history the primary of this connection writes in (None from
+    /// older peers: not checked).
+    history: Option<PrimaryInfo>,
 }
 
 impl RemoteVolume {
@@ -63,6 +80,8 @@ impl RemoteVolume {
             size: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             conn: tokio::sync::Mutex::new(None),
+            acked: Mutex::new(None),
+            lost: Mutex::new(None),
         };
         v.connection().await?;
         Ok(v)
@@ -104,15 +123,63 @@ impl RemoteVolume {
         let f: Frame<Message> = proto::read_frame(&mut s)
             .await
             .map_err(|e| self.unreachable(e.to_string()))?;
-        match f.msg {
-            Message::Attached { size } => self.size.store(size, Ordering::Release),
+        let history = match f.msg {
+            Message::Attached { size, history } => {
+                self.size.store(size, Ordering::Release);
+                history
+            }
             Message::Refused { reason } => return Err(self.unreachable(reason)),
             other => return Err(self.unreachable(format!("unexpected answer {other:?}"))),
+        };
+        if let Some(why) = self.check_history(history.as_ref()) {
+            tracing::error!(resource = %self.resource, "{why}");
+            *self.lost.lock().expect("lost lock") = Some(why);
+            return Err(self
+                .lost_error()
+                .unwrap_or_else(|| self.unreachable("lost".into())));
         }
         tracing::info!(resource = %self.resource, primary = %primary.node, "remote device connected");
-        let conn = Arc::new(Conn::start(s));
+        let conn = Arc::new(Conn::start(s, history));
         *slot = Some(Arc::clone(&conn));
         Ok(conn)
+    }
+
+    /// Why `new` (the history of a primary just connected to) may lack
+    /// writes this device acknowledged, if it may.
+    fn check_history(&self, new: Option<&PrimaryInfo>) -> Option<String> {
+        let new = new?;
+        let acked = self.acked.lock().expect("acked lock");
+        let (old, pos) = acked.as_ref()?;
+        let same = old.generation == new.generation && old.node == new.node;
+        (!same && new.start_pos < *pos).then(|| {
+            format!(
+                "{}: the new primary {} continues the log from position {} (generation {}), \
+                 but writes this device acknowledged reached position {} on {}: they may be lost; \
+                 the device fails every request until it is detached and attached again \
+                 (check the file system before using it again)",
+                self.resource, new.node, new.start_pos, new.generation, pos, old.node
+            )
+        })
+    }
+
+    fn lost_error(&self) -> Option<IoError> {
+        let why = self.lost.lock().expect("lost lock").clone()?;
+        Some(IoError::Io {
+            resource: self.resource.clone(),
+            source: std::io::Error::other(why),
+        })
+    }
+
+    /// Notes an acknowledged write, zeroing or flush of connection `conn`.
+    fn note_acked(&self, conn: &Conn, pos: u64) {
+        let Some(h) = &conn.history else {
+            return;
+        };
+        let mut acked = self.acked.lock().expect("acked lock");
+        match acked.as_mut() {
+            Some((old, p)) if old == h => *p = (*p).max(pos),
+            _ => *acked = Some((h.clone(), pos)),
+        }
     }
 
     async fn drop_connection(&self, dead: &Arc<Conn>) {
@@ -133,6 +200,9 @@ impl RemoteVolume {
     ) -> Result<Bytes, IoError> {
         let deadline = Instant::now() + RETRY_FOR;
         loop {
+            if let Some(e) = self.lost_error() {
+                return Err(e);
+            }
             let outcome: Result<(), IoError> = match self.connection().await {
                 Ok(conn) => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -144,13 +214,18 @@ impl RemoteVolume {
                         fua,
                     };
                     match conn.call(id, msg, data.clone()).await {
-                        Some((0, bytes)) => return Ok(bytes),
+                        Some((0, bytes, pos)) => {
+                            if op != IoOp::Read {
+                                self.note_acked(&conn, pos);
+                            }
+                            return Ok(bytes);
+                        }
                         // Not primary (any more), or shutting down: find the new one.
-                        Some((e, _)) if e == libc_errno::EPERM || e == libc_errno::ESHUTDOWN => {
+                        Some((e, _, _)) if e == libc_errno::EPERM || e == libc_errno::ESHUTDOWN => {
                             self.drop_connection(&conn).await;
                             Err(self.unreachable("the primary is changing".into()))
                         }
-                        Some((e, _)) => {
+                        Some((e, _, _)) => {
                             return Err(IoError::Io {
                                 resource: self.resource.clone(),
                                 source: std::io::Error::from_raw_os_error(e),
@@ -177,7 +252,7 @@ impl RemoteVolume {
 
 impl Conn {
     /// Starts the reader and writer tasks of a connection.
-    fn start(s: TcpStream) -> Conn {
+    fn start(s: TcpStream, history: Option<PrimaryInfo>) -> Conn {
         let (mut rd, mut wr) = s.into_split();
         let (tx, mut rx) = mpsc::channel::<(Message, Bytes)>(MAX_IN_FLIGHT);
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
@@ -195,17 +270,21 @@ impl Conn {
                     Ok(f) => f,
                     Err(_) => break,
                 };
-                if let Message::IoDone { id, errno } = f.msg
+                if let Message::IoDone { id, errno, pos } = f.msg
                     && let Some(waiter) = p2.lock().expect("pending lock").remove(&id)
                 {
-                    let _ = waiter.send((errno, f.data));
+                    let _ = waiter.send((errno, f.data, pos));
                 }
             }
             // Wakes every waiter with "connection lost" and closes the writer.
             writer.abort();
             p2.lock().expect("pending lock").clear();
         });
-        Conn { tx, pending }
+        Conn {
+            tx,
+            pending,
+            history,
+        }
     }
 
     /// `None`: the connection broke before the answer came.
@@ -247,13 +326,19 @@ impl BlockIo for RemoteVolume {
 }
 
 /// The primary's side of a remote device session: runs each request through
-/// `vol` (concurrently, at most [`MAX_IN_FLIGHT`]) and answers by id.
-pub async fn serve<B: BlockIo>(s: TcpStream, vol: Arc<B>) -> proto::Result<()> {
+/// `vol` (concurrently, at most [`MAX_IN_FLIGHT`]) and answers by id, with
+/// `log_end()` read after each completion.
+pub async fn serve<B: BlockIo>(
+    s: TcpStream,
+    vol: Arc<B>,
+    log_end: impl Fn() -> u64 + Send + Sync + 'static,
+) -> proto::Result<()> {
     let (mut rd, mut wr) = s.into_split();
     let (tx, mut rx) = mpsc::channel::<(u64, i32, Bytes)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some((id, errno, data)) = rx.recv().await {
-            proto::write_frame(&mut wr, &Message::IoDone { id, errno }, &data).await?;
+            let pos = log_end();
+            proto::write_frame(&mut wr, &Message::IoDone { id, errno, pos }, &data).await?;
         }
         Ok::<_, proto::Error>(())
     });

@@ -255,6 +255,10 @@ pub enum Message {
     },
     Attached {
         size: u64,
+        /// The history the primary writes in (so that a remote device can
+        /// tell whether a new primary holds the writes it acknowledged).
+        #[serde(default)]
+        history: Option<crate::membership::PrimaryInfo>,
     },
     /// One block request; a write's data follows.
     Io {
@@ -268,6 +272,10 @@ pub enum Message {
     IoDone {
         id: u64,
         errno: i32,
+        /// For a write, zeroing or flush: the end of the primary's log once
+        /// it completed (at least the end of the request's records).
+        #[serde(default)]
+        pos: u64,
     },
 }
 

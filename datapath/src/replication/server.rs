@@ -98,8 +98,11 @@ async fn handle(mut s: TcpStream, node: Arc<Node>) -> proto::Result<()> {
 
 /// A remote device session: served by this node while it is primary.
 async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Result<()> {
-    let handle = node.resource(resource).ok().and_then(|r| r.open());
-    let Some(handle) = handle else {
+    let opened = node
+        .resource(resource)
+        .ok()
+        .and_then(|r| Some((r.open()?, r.counters_arc())));
+    let Some((handle, counters)) = opened else {
         return refuse(
             &mut s,
             format!("{} is not primary of {resource}", node.name()),
@@ -107,9 +110,14 @@ async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Re
         .await;
     };
     let size = handle.size();
-    proto::write_frame(&mut s, &Message::Attached { size }, &[]).await?;
+    let history = node
+        .cluster()
+        .primary_of(resource)
+        .filter(|p| p.node == node.name());
+    proto::write_frame(&mut s, &Message::Attached { size, history }, &[]).await?;
     tracing::info!(resource, "remote device session started");
-    crate::frontend::remote::serve(s, Arc::new(handle)).await
+    let log_end = move || counters.appended.load(std::sync::atomic::Ordering::Acquire);
+    crate::frontend::remote::serve(s, Arc::new(handle), log_end).await
 }
 
 async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) -> proto::Result<()> {
