@@ -8,6 +8,7 @@ pub mod cluster_ops;
 pub mod control;
 pub mod devices;
 pub mod frontend;
+mod group_commit;
 pub mod log;
 pub mod logger;
 pub mod membership;

@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
+
+use crate::group_commit::GroupCommit;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -142,18 +144,8 @@ impl Pending {
     }
 }
 
-struct Waiter {
-    target: u64,
-    reply: oneshot::Sender<Result<(), IoError>>,
-}
-
-#[derive(Default)]
-struct SyncState {
-    waiters: Vec<Waiter>,
-    /// Writeback wants the log durable further than it is.
-    wanted: bool,
-    stop: bool,
-}
+/// Answers one FLUSH or FUA write once the log is durable.
+type SyncReply = oneshot::Sender<Result<(), IoError>>;
 
 /// The file being appended to and how far; the syncer reads both together.
 struct Active {
@@ -179,8 +171,7 @@ pub(crate) struct Shared {
     pub size: AtomicU64,
     budget: Arc<Semaphore>,
     budget_max: u32,
-    sync: Mutex<SyncState>,
-    sync_cv: Condvar,
+    group: GroupCommit<SyncReply>,
     active: Mutex<Active>,
     pub wb: Mutex<WbState>,
     pub wb_cv: Condvar,
@@ -240,9 +231,7 @@ impl Shared {
 
     /// Asks the syncer to make the log durable up to what is appended now.
     pub fn want_sync(&self) {
-        let mut s = self.sync.lock().expect("sync lock");
-        s.wanted = true;
-        self.sync_cv.notify_one();
+        self.group.want_sync();
     }
 
     pub fn flushed(&self) -> u64 {
@@ -352,8 +341,7 @@ impl Logger {
             size: AtomicU64::new(size),
             budget: Arc::new(Semaphore::new(budget_max as usize)),
             budget_max,
-            sync: Mutex::new(SyncState::default()),
-            sync_cv: Condvar::new(),
+            group: GroupCommit::new(),
             active: Mutex::new(Active {
                 file: Arc::clone(appender.file()),
                 appended: appender.end_pos(),
@@ -610,11 +598,7 @@ impl BlockIo for Logger {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        {
-            let mut s = self.shared.sync.lock().expect("sync lock");
-            s.waiters.push(Waiter { target, reply });
-            self.shared.sync_cv.notify_one();
-        }
+        self.shared.group.wait_for([(target, reply)]);
         rx.await
             .map_err(|_| IoError::ShuttingDown(self.resource().into()))?
     }
@@ -709,10 +693,7 @@ fn log_loop(
         }
     }
     shared.log_done.store(true, Ordering::Release);
-    let mut s = shared.sync.lock().expect("sync lock");
-    s.stop = true;
-    shared.sync_cv.notify_all();
-    drop(s);
+    shared.group.stop();
     shared.wb_cv.notify_all();
 }
 
@@ -886,21 +867,14 @@ fn commit(
                 });
             }
             if w.fua {
-                durable_waiters.push(Waiter {
-                    target: last_end,
-                    reply: w.reply,
-                });
+                durable_waiters.push((last_end, w.reply));
             } else {
                 let _ = w.reply.send(Ok(()));
             }
         }
         shared.wb_cv.notify_all();
     }
-    if !durable_waiters.is_empty() {
-        let mut s = shared.sync.lock().expect("sync lock");
-        s.waiters.extend(durable_waiters);
-        shared.sync_cv.notify_one();
-    }
+    shared.group.wait_for(durable_waiters);
 }
 
 /// Makes the current logfile durable and starts the next one.
@@ -932,44 +906,25 @@ fn rotate(shared: &Shared, appender: &mut Appender, file_seq: &mut u64) -> Resul
     Ok(())
 }
 
+/// The syncer thread (see group_commit.rs).
 fn sync_loop(shared: Arc<Shared>) {
-    loop {
-        let waiters = {
-            let mut s = shared.sync.lock().expect("sync lock");
-            while s.waiters.is_empty() && !s.wanted && !s.stop {
-                s = shared.sync_cv.wait(s).expect("sync lock");
+    shared.group.run(
+        || {
+            let (file, target) = {
+                let a = shared.active.lock().expect("active lock");
+                (Arc::clone(&a.file), a.appended)
+            };
+            if target > shared.flushed() {
+                shared.sync_log(|| file.sync_data())?;
             }
-            if s.stop && s.waiters.is_empty() {
-                return;
-            }
-            s.wanted = false;
-            std::mem::take(&mut s.waiters)
-        };
-        let (file, target) = {
-            let a = shared.active.lock().expect("active lock");
-            (Arc::clone(&a.file), a.appended)
-        };
-        let res = if target > shared.flushed() {
-            shared.sync_log(|| file.sync_data())
-        } else {
-            Ok(())
-        };
-        match res {
-            Ok(()) => {
-                shared.synced_to(target);
-                shared.wb_cv.notify_all();
-                for w in waiters {
-                    debug_assert!(w.target <= target);
-                    let _ = w.reply.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                for w in waiters {
-                    let _ = w.reply.send(Err(shared.io_err(clone_io(&e))));
-                }
-            }
-        }
-    }
+            shared.synced_to(target);
+            shared.wb_cv.notify_all();
+            Ok(target)
+        },
+        |reply, r| {
+            let _ = reply.send(r.map_err(|e| shared.io_err(clone_io(e))));
+        },
+    );
 }
 
 /// An io::Error for each waiter of a failed operation, keeping the errno.
