@@ -2,12 +2,11 @@
 //! receives gossip on links and answers requests (join, full sync, fetch).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-
-use std::sync::atomic::Ordering::Relaxed;
 
 use super::proto::{self, Frame, Hello, Message, Purpose};
 use super::{fullsync, ratelimit};
