@@ -736,6 +736,26 @@ mod tests {
         assert_eq!(raw, r#"{"type":"chunk"}"#);
     }
 
+    proptest::proptest! {
+        /// Any data, compressible (a repeated pattern) or not, comes back
+        /// as it was sent, and the wire never carries more than raw would.
+        #[test]
+        fn any_data_decodes_to_what_was_encoded(
+            pattern in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300),
+            reps in 0usize..3000,
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            level in 1i32..6,
+        ) {
+            let mut raw = pattern.repeat(reps);
+            raw.extend_from_slice(&noise);
+            let mut enc = Encoder::new(Compression::Zstd { level }).unwrap();
+            let (encoding, wire) = enc.encode(&raw);
+            proptest::prop_assert!(wire.len() <= raw.len());
+            let back = decode(Bytes::copy_from_slice(&wire), encoding, raw.len()).unwrap();
+            proptest::prop_assert_eq!(&back[..], &raw[..]);
+        }
+    }
+
     #[test]
     fn compression_settings_parse() {
         assert_eq!(Compression::parse("off").unwrap(), Compression::Off);
