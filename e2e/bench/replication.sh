@@ -355,7 +355,7 @@ say "  B fetched and applied $(mib "$SHIP_LOG_BYTES") MiB of log in $CATCHUP_S s
 # this phase has shipped anything so far).
 read -r WIRE_LOG WIRE_BYTES < <(adm A view "$RES" --json | python3 -c 'import json, sys; l = json.load(sys.stdin)["resources"][0]["log"]; print(l.get("shipped_bytes", 0), l.get("shipped_wire_bytes", 0))')
 say "  on the wire: $(mib "$WIRE_BYTES") MiB for $(mib "$WIRE_LOG") MiB of log" \
-    "($(awk -v l="$WIRE_LOG" -v w="$WIRE_BYTES" 'BEGIN { printf "%.2f", w > 0 ? l / w : 0 }')x)"
+    "($(awk -v l="$WIRE_LOG" -v w="$WIRE_BYTES" 'BEGIN { printf "%.2f", (w > 0 ? l / w : 0) }')x)"
 
 # ---- 3. lag under a steady load at about half the ceiling; B's lag as A
 # sees it (gossip), every SAMPLE_S.
