@@ -19,7 +19,7 @@
 //! codecs it accepts in its hello (`compression`), and a sender compresses
 //! only for a peer that listed the codec (peers that predate it list none and
 //! get raw data). Each frame is compressed on its own (memory stays bounded
-//! by the frame size); a frame that does not shrink travels raw. The frame
+//! by the frame size); a frame that does not shrink by 1/8 travels raw. The frame
 //! checksum covers the bytes on the wire; what decompresses is bounded by
 //! the raw length the message announces and must match it exactly.
 
@@ -141,7 +141,16 @@ impl Default for Compression {
 /// Compresses frame data for one link (one zstd context, reused).
 pub struct Encoder {
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Frames still to send raw without trying (after frames that did not
+    /// compress: a stream of incompressible data costs no CPU).
+    skip: u32,
+    /// Frames to skip after the next one that does not compress; doubles
+    /// up to [`MAX_SKIP`], back to 0 when one compresses.
+    backoff: u32,
 }
+
+/// At most this many frames (of up to 1 MiB) go raw between two tries.
+const MAX_SKIP: u32 = 64;
 
 impl Encoder {
     pub fn new(c: Compression) -> Result<Encoder> {
@@ -152,11 +161,18 @@ impl Encoder {
                     .map_err(|e| Error::BadFrame(format!("zstd level {level}: {e}")))?,
             ),
         };
-        Ok(Encoder { zstd })
+        Ok(Encoder {
+            zstd,
+            skip: 0,
+            backoff: 0,
+        })
     }
 
     /// The data to send and its encoding: compressed when that saves at
-    /// least 1/32 of it, else raw (`None`).
+    /// least 1/8 of it, else raw (`None`). Less is not worth the CPU: on a
+    /// fast link, compressing data that barely shrinks slows shipping down.
+    /// After a frame that did not compress, the next 1, 2, 4 … 64 frames
+    /// travel raw without a try.
     pub fn encode<'a>(&mut self, raw: &'a [u8]) -> (Option<Encoding>, std::borrow::Cow<'a, [u8]>) {
         use std::borrow::Cow;
         let Some(z) = self.zstd.as_mut() else {
@@ -165,14 +181,25 @@ impl Encoder {
         if raw.len() < 64 || raw.len() > MAX_DATA as usize {
             return (None, Cow::Borrowed(raw));
         }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return (None, Cow::Borrowed(raw));
+        }
         match z.compress(raw) {
-            Ok(packed) if packed.len() < raw.len() - raw.len() / 32 => (
-                Some(Encoding::Zstd {
-                    raw_len: raw.len() as u32,
-                }),
-                Cow::Owned(packed),
-            ),
-            _ => (None, Cow::Borrowed(raw)),
+            Ok(packed) if packed.len() <= raw.len() - raw.len() / 8 => {
+                self.backoff = 0;
+                (
+                    Some(Encoding::Zstd {
+                        raw_len: raw.len() as u32,
+                    }),
+                    Cow::Owned(packed),
+                )
+            }
+            _ => {
+                self.backoff = (self.backoff * 2).clamp(1, MAX_SKIP);
+                self.skip = self.backoff;
+                (None, Cow::Borrowed(raw))
+            }
         }
     }
 }
@@ -606,6 +633,43 @@ mod tests {
         assert!(sent > raw.len() as u64);
         // Tiny frames are not worth a zstd frame either.
         assert_eq!(enc.encode(b"short").0, None);
+    }
+
+    #[test]
+    fn after_incompressible_frames_the_encoder_tries_less_often() {
+        let mut enc = Encoder::new(Compression::DEFAULT).unwrap();
+        let noise = incompressible(1 << 16);
+        let text = compressible(1 << 16);
+        // Noise, then text: the frame right after the noise goes raw untried.
+        assert_eq!(enc.encode(&noise).0, None);
+        assert_eq!(enc.encode(&text).0, None);
+        assert!(enc.encode(&text).0.is_some());
+        // Noise after noise: the untried stretch doubles, up to MAX_SKIP.
+        let mut tried = 0;
+        for _ in 0..400 {
+            if enc.skip == 0 {
+                tried += 1;
+            }
+            assert_eq!(enc.encode(&noise).0, None);
+        }
+        assert!(tried < 20, "{tried} tries on 400 incompressible frames");
+        assert!(enc.skip <= MAX_SKIP);
+        // Text again: compressed once the stretch is over, at most MAX_SKIP frames on.
+        let raw_first = (0..=MAX_SKIP)
+            .take_while(|_| enc.encode(&text).0.is_none())
+            .count();
+        assert!(raw_first <= MAX_SKIP as usize, "{raw_first}");
+        assert!(enc.encode(&text).0.is_some());
+    }
+
+    /// Data that shrinks by less than 1/8 is not worth compressing.
+    #[test]
+    fn barely_compressible_data_travels_raw() {
+        let mut enc = Encoder::new(Compression::DEFAULT).unwrap();
+        // 95 % noise, 5 % zeros: zstd saves about 5 %.
+        let mut raw = incompressible(1 << 20);
+        raw[..50_000].fill(0);
+        assert_eq!(enc.encode(&raw).0, None);
     }
 
     #[tokio::test]
