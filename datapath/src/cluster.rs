@@ -27,6 +27,9 @@ const POSITIONS_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 pub struct Cluster {
     pub node: String,
     pub advertise: String,
+    /// What this node sends compressed, and so offers in its hellos
+    /// (`--ship-compression`).
+    pub compression: crate::replication::proto::Compression,
     storage: Arc<dyn Storage>,
     path: PathBuf,
     membership: Mutex<Membership>,
@@ -82,6 +85,7 @@ impl Cluster {
         let c = Cluster {
             node: node.into(),
             advertise: advertise.into(),
+            compression: Default::default(),
             storage,
             path,
             membership: Mutex::new(m),
@@ -111,6 +115,7 @@ impl Cluster {
             node: self.node.clone(),
             advertise: self.advertise.clone(),
             purpose,
+            compression: self.compression.offer(),
         }
     }
 

@@ -55,6 +55,13 @@ pub struct Counters {
     /// are deleted only before it (`u64::MAX`: no other replica). It starts
     /// at 0 (delete nothing) until the node has learnt what replicas need.
     pub delete_floor: AtomicU64,
+    /// Log and full-sync bytes this node sent to peers (since it started),
+    /// and what the frames carrying them took on the wire (compressed).
+    pub shipped_bytes: AtomicU64,
+    pub shipped_wire_bytes: AtomicU64,
+    /// The same for what this node fetched from peers.
+    pub received_bytes: AtomicU64,
+    pub received_wire_bytes: AtomicU64,
 }
 
 impl Default for Counters {
@@ -67,6 +74,10 @@ impl Default for Counters {
             overlay_bytes: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
             delete_floor: AtomicU64::new(0),
+            shipped_bytes: AtomicU64::new(0),
+            shipped_wire_bytes: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
+            received_wire_bytes: AtomicU64::new(0),
         }
     }
 }

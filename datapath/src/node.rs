@@ -50,6 +50,10 @@ pub struct NodeConfig {
     pub advertise: String,
     /// ublk devices (`--ublk`, block size).
     pub devices: crate::devices::DeviceConfig,
+    /// Compression of log and full-sync data sent to peers that accept it.
+    pub ship_compression: crate::replication::proto::Compression,
+    /// Bytes/s this node sends to each peer (`None`: no limit).
+    pub ship_rate_limit: Option<u64>,
 }
 
 pub struct Node {
@@ -66,6 +70,8 @@ pub struct Node {
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     pub(crate) devices: crate::devices::Devices,
     pub(crate) device_cfg: crate::devices::DeviceConfig,
+    /// The bandwidth limit of each link (`--ship-rate-limit`).
+    pub(crate) ship_limits: crate::replication::ratelimit::Limits,
     _lock: std::fs::File,
 }
 
@@ -124,8 +130,9 @@ impl Node {
                     .map_err(io("reading free space"))?,
             ),
         };
-        let cluster = Cluster::open(Arc::clone(&storage), &root, &cfg.node, &cfg.advertise)
+        let mut cluster = Cluster::open(Arc::clone(&storage), &root, &cfg.node, &cfg.advertise)
             .map_err(io("reading the cluster state"))?;
+        cluster.compression = cfg.ship_compression;
         let node = Node {
             cluster: Arc::new(cluster),
             quota: Arc::new(LogQuota::new(limit)),
@@ -136,6 +143,7 @@ impl Node {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             devices: Default::default(),
             device_cfg: cfg.devices,
+            ship_limits: crate::replication::ratelimit::Limits::new(cfg.ship_rate_limit),
             _lock: lock,
             cfg,
         };
@@ -473,6 +481,10 @@ impl Node {
             // durable local copy, and what the applier has replayed.
             fetched: flushed,
             applied: written_back,
+            shipped_bytes: c.shipped_bytes.load(Ordering::Relaxed),
+            shipped_wire_bytes: c.shipped_wire_bytes.load(Ordering::Relaxed),
+            received_bytes: c.received_bytes.load(Ordering::Relaxed),
+            received_wire_bytes: c.received_wire_bytes.load(Ordering::Relaxed),
         };
         let rstate = state.resource(r.name());
         let primary_node = rstate.and_then(|s| s.primary()).map(|p| p.node.clone());

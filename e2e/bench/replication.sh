@@ -9,7 +9,7 @@
 # that did not start, a failed I/O, a wait that ran out). Needs root.
 #
 #   e2e/bench/replication.sh [--quick] [--out FILE] [--keep] [--throttle-mbit N] [--tbf-burst SIZE]
-#                            [--slow-link-only]
+#                            [--slow-link-only] [--ship-compression MODE] [--compressible PCT]
 #
 # Environment: MARS_BENCH_DIR (parent of the work directory, default
 # /var/tmp; it must be on the file system you want to measure),
@@ -34,6 +34,8 @@ THROTTLE_MBIT=
 TBF_BURST=64k
 SLOW_ONLY=0
 KEEP=0
+SHIP_COMPRESSION=      # marsd's --ship-compression on both hosts (empty: its default)
+COMPRESSIBLE=0         # fio's buffer_compress_percentage (0: random data)
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) MODE=quick ;;
@@ -44,6 +46,11 @@ while [ $# -gt 0 ]; do
             [[ "$THROTTLE_MBIT" =~ ^[1-9][0-9]*$ ]] || { echo "replication.sh: --throttle-mbit takes a whole number of Mbit/s" >&2; exit 2; }
             ;;
         --slow-link-only) SLOW_ONLY=1 ;;
+        --ship-compression) SHIP_COMPRESSION=${2:?--ship-compression needs off, zstd or zstd:LEVEL}; shift ;;
+        --compressible)
+            COMPRESSIBLE=${2:?--compressible needs a percentage}; shift
+            [[ "$COMPRESSIBLE" =~ ^([0-9]|[1-9][0-9])$ ]] || { echo "replication.sh: --compressible takes 0-99 (fio's buffer_compress_percentage)" >&2; exit 2; }
+            ;;
         --tbf-burst)
             TBF_BURST=${2:?--tbf-burst needs a size}; shift
             [[ "$TBF_BURST" =~ ^[1-9][0-9]*[kKmM]?$ ]] || { echo "replication.sh: --tbf-burst takes a size like 64k" >&2; exit 2; }
@@ -198,6 +205,9 @@ nbd_job() { # RW BS QD [EXTRA OPTIONS...]
     printf '[global]\nioengine=nbd\nuri=nbd://%s:%s/%s\nrw=%s\nbs=%s\niodepth=%s\n' \
         "$IP_A" "$NBD_PORT" "$RES" "$1" "$2" "$3"
     printf 'size=%sm\ndirect=0\nnorandommap=1\nrandrepeat=1\n' "$VOL_MIB"
+    if [ "$COMPRESSIBLE" -gt 0 ]; then
+        printf 'refill_buffers=1\nbuffer_compress_percentage=%s\n' "$COMPRESSIBLE"
+    fi
     shift 3
     printf '%s\n' "$@"
     printf '[r1]\n'
@@ -207,8 +217,10 @@ start_marsd() { # HOST
     local h=$1 a
     a=$(ip_of "$h")
     mkdir -p "$W/$h/root"
+    local extra=()
+    [ -z "$SHIP_COMPRESSION" ] || extra=(--ship-compression "$SHIP_COMPRESSION")
     ip netns exec "$(ns_of "$h")" "$BIN/marsd" --root "$W/$h/root" --node "$h" \
-        --listen "$a:$PEER_PORT" --nbd "$a:$NBD_PORT" >"$W/$h/marsd.log" 2>&1 9>&- &
+        --listen "$a:$PEER_PORT" --nbd "$a:$NBD_PORT" "${extra[@]}" >"$W/$h/marsd.log" 2>&1 9>&- &
     PID[$h]=$!
     local deadline=$((SECONDS + 30))
     until adm "$h" view >/dev/null 2>&1; do
@@ -229,7 +241,8 @@ mkdir -p "$W/fio" "$W/ceiling" "$W/A" "$W/B"
 say "mars replication benchmark ($MODE): work directory $W"
 say "  file system: $(findmnt -n -o SOURCE,FSTYPE --target "$W" | tr -s ' ')," \
     "$(nproc) CPUs, load $(load1), volume ${VOL_MIB} MiB, shipped ${SHIP_MIB} MiB," \
-    "lag run ${LAG_S} s, IOPS runs ${IOPS_S} s"
+    "lag run ${LAG_S} s, IOPS runs ${IOPS_S} s," \
+    "ship compression ${SHIP_COMPRESSION:-marsd default}, fio data ${COMPRESSIBLE}% compressible"
 
 delete_namespaces
 NETWORK=1
@@ -338,6 +351,11 @@ if [ "$CATCHUP_TIMED_OUT" = 1 ]; then
     say "  WARNING: B had not caught up after $WAIT_S s (applied $applied_now of $target)"
 fi
 say "  B fetched and applied $(mib "$SHIP_LOG_BYTES") MiB of log in $CATCHUP_S s: $CATCHUP_MIB MiB/s"
+# What the catch-up took on the wire (A's counters since it started: only
+# this phase has shipped anything so far).
+read -r WIRE_LOG WIRE_BYTES < <(adm A view "$RES" --json | python3 -c 'import json, sys; l = json.load(sys.stdin)["resources"][0]["log"]; print(l.get("shipped_bytes", 0), l.get("shipped_wire_bytes", 0))')
+say "  on the wire: $(mib "$WIRE_BYTES") MiB for $(mib "$WIRE_LOG") MiB of log" \
+    "($(awk -v l="$WIRE_LOG" -v w="$WIRE_BYTES" 'BEGIN { printf "%.2f", (w > 0 ? l / w : 0) }')x)"
 
 # ---- 3. lag under a steady load at about half the ceiling; B's lag as A
 # sees it (gossip), every SAMPLE_S.
@@ -463,7 +481,10 @@ json.dump({
         "iperf_seconds": $IPERF_S, "throttle_percent": $([ -n "$THROTTLE_MBIT" ] && echo None || echo "$THROTTLE_PCT"),
         "throttle_mbit_option": ${THROTTLE_MBIT:-None}, "tbf_burst": "$TBF_BURST",
         "disk_ceiling_sync_bytes": $SYNC_MIB << 20,
+        "ship_compression": "${SHIP_COMPRESSION:-default}",
+        "compressible_percent": $COMPRESSIBLE,
     },
+    "catchup_wire": {"log_bytes": ${WIRE_LOG:-0}, "wire_bytes": ${WIRE_BYTES:-0}},
     "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
     "load1_at_end": os.getloadavg()[0],
     "filesystem": out("findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "--target", "$W"),

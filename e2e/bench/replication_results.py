@@ -85,11 +85,14 @@ def cmd_catchup(marsadm, root, res, node, target, timeout, *cmd):
 
 def cmd_sample(marsadm, root, res, node, interval, out, node_root=None):
     interval = float(interval)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A flag, not sys.exit: a SystemExit raised inside the loop's try would
+    # be swallowed with a failed `view`, and the sampler would never stop.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     with open(out, "a") as f:
         t0 = time.monotonic()
         n = 0
-        while True:
+        while not stop:
             try:
                 t = time.monotonic() - t0
                 r = view(marsadm, root, res)

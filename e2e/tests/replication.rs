@@ -378,7 +378,8 @@ fn secondary_is_always_a_prefix() {
 
 /// A secondary that cannot reach the primary, while another replica can
 /// reach both, keeps following through that replica: with A↔C cut (and
-/// nothing else), C fetches A's log from B and, before the cut is undone,
+/// nothing else), C's applied position moves while A writes, C fetches A's
+/// log from B and, after `marsadm wait` on B and before the cut is undone,
 /// its backing file equals A's device. After the restore C switches back
 /// to A and stays identical.
 #[test]
@@ -409,7 +410,18 @@ fn a_secondary_cut_off_from_the_primary_fetches_from_another_replica() {
                 ..Default::default()
             },
         );
-        w.keep_writing(Duration::from_secs(4))?;
+        w.keep_writing(Duration::from_secs(2))?;
+        // C keeps up while A goes on writing: its applied position moves.
+        wait_for(
+            "c to apply some of a's new log while a is still writing",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let applied = u64_at(&c.host("c").resource(R)?["log"], "applied");
+                Ok((applied > before).then_some(applied))
+            },
+        )?;
+        w.keep_writing(Duration::from_secs(2))?;
         let writes = w.writes();
         let (nbd, model) = w.stop()?;
         nbd.disconnect()?;
@@ -433,6 +445,8 @@ fn a_secondary_cut_off_from_the_primary_fetches_from_another_replica() {
             "a counts as connected on c during the cut: {a_seen}"
         );
         took?;
+        // `wait` on B (it reaches both) while A↔C is still cut.
+        wait_ok(c, "b", 60)?;
         let from_b = c.log_lines("fetching from another replica");
         ensure!(
             from_b

@@ -14,6 +14,7 @@ use datapath::control::pb::marsd_server::MarsdServer;
 use datapath::control::service::Service;
 use datapath::frontend::nbd;
 use datapath::node::{Node, NodeConfig, SOCKET_FILE};
+use datapath::replication::proto::Compression;
 use datapath::size::parse_size;
 use datapath::storage::fs::RealStorage;
 use tokio::signal::unix::{SignalKind, signal};
@@ -64,6 +65,22 @@ struct Args {
     /// Logical block size of ublk devices.
     #[arg(long, default_value_t = 512)]
     ublk_block_size: u32,
+    /// Compression of log and full-sync data sent to peers: off, zstd or
+    /// zstd:LEVEL (1-19). Used on a link only if the peer accepts it (peers
+    /// with `off` or older versions get raw data).
+    #[arg(long, default_value = "zstd:1", value_parser = Compression::parse)]
+    ship_compression: Compression,
+    /// Bytes per second this node sends to each peer (log shipping and full
+    /// sync; K/M/G suffixes, powers of 1024), e.g. 50M [default: no limit].
+    #[arg(long, value_parser = parse_rate)]
+    ship_rate_limit: Option<u64>,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("--ship-rate-limit must be above 0".into()),
+        n => Ok(n),
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,6 +145,8 @@ async fn run(args: Args) -> Result<()> {
                 ..Default::default()
             },
         },
+        ship_compression: args.ship_compression,
+        ship_rate_limit: args.ship_rate_limit,
     };
     let node = Arc::new(
         tokio::task::spawn_blocking(move || Node::open(cfg, Arc::new(RealStorage))).await??,

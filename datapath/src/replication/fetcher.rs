@@ -154,18 +154,30 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                 counters.appended.store(a.end_pos(), Ordering::Release);
                 appender = Some(a);
             }
-            Message::LogData { pos, records } => {
+            Message::LogData {
+                pos,
+                records,
+                encoding,
+            } => {
                 let a = appender
                     .as_mut()
                     .ok_or_else(|| FetchError::Bad("records before any logfile".into()))?;
+                let wire_len = frame.wire_len;
+                let data = proto::decode(frame.data, encoding, proto::MAX_DATA as usize)?;
+                counters
+                    .received_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                counters
+                    .received_wire_bytes
+                    .fetch_add(wire_len, Ordering::Relaxed);
                 if pos != a.end_pos() {
                     return Err(FetchError::Bad(format!(
                         "records at position {pos}, but our log ends at {}",
                         a.end_pos()
                     )));
                 }
-                check_records(&frame.data, records, a.next_seq())?;
-                tokio::task::block_in_place(|| a.append(&frame.data, records))
+                check_records(&data, records, a.next_seq())?;
+                tokio::task::block_in_place(|| a.append(&data, records))
                     .map_err(|e| FetchError::Local(e.to_string()))?;
                 store.note_append(a.start_pos(), a.end_pos(), a.next_seq());
                 counters.appended.store(a.end_pos(), Ordering::Release);

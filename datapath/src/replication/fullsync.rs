@@ -8,6 +8,7 @@
 //! every position ≥ E. Until replay passes E the replica is Inconsistent.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::proto::{self, Message, Purpose};
@@ -120,14 +121,23 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
             let f = proto::call(&addr, &hello, node, &req, &[])
                 .await
                 .map_err(|e| e.to_string())?;
-            if f.data.len() != len {
+            let Message::Chunk { encoding } = f.msg else {
+                return Err(format!("unexpected answer {:?}", f.msg));
+            };
+            let wire_len = f.wire_len;
+            let data =
+                proto::decode(f.data, encoding, len).map_err(|e| format!("chunk at {off}: {e}"))?;
+            if data.len() != len {
                 return Err(format!(
                     "chunk at {off}: {} bytes instead of {len}",
-                    f.data.len()
+                    data.len()
                 ));
             }
-            tokio::task::block_in_place(|| res.backing().write_all_at(&f.data, off))
+            tokio::task::block_in_place(|| res.backing().write_all_at(&data, off))
                 .map_err(|e| e.to_string())?;
+            let c = res.counters();
+            c.received_bytes.fetch_add(len as u64, Relaxed);
+            c.received_wire_bytes.fetch_add(wire_len, Relaxed);
             sent += len as u64;
         }
         offset += BATCH as u64 * CHUNK as u64;

@@ -5,4 +5,5 @@ pub mod fetcher;
 pub mod fullsync;
 pub mod links;
 pub mod proto;
+pub mod ratelimit;
 pub mod server;

@@ -2,13 +2,14 @@
 //! receives gossip on links and answers requests (join, full sync, fetch).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::fullsync;
 use super::proto::{self, Frame, Hello, Message, Purpose};
+use super::{fullsync, ratelimit};
 use crate::cluster::{HEARTBEAT, PEER_TIMEOUT};
 use crate::frontend::BlockIo;
 use crate::node::Node;
@@ -193,7 +194,17 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
             }
             match logger.read(offset, len).await {
                 Ok(data) => {
-                    proto::write_frame(s, &Message::Chunk, &data).await?;
+                    let link = node.ship_limits.link(&peer.node);
+                    let mut enc = proto::Encoder::new(node.cluster().compression.towards(peer))?;
+                    let (encoding, wire) = tokio::task::block_in_place(|| enc.encode(&data));
+                    let msg = Message::Chunk { encoding };
+                    ratelimit::take(link.as_deref(), wire.len() as u64).await;
+                    let sent = proto::write_frame_len(s, &msg, &wire).await?;
+                    if let Ok(res) = node.resource(&resource) {
+                        let c = res.counters();
+                        c.shipped_bytes.fetch_add(data.len() as u64, Relaxed);
+                        c.shipped_wire_bytes.fetch_add(sent, Relaxed);
+                    }
                     return Ok(());
                 }
                 Err(e) => return refuse(s, e.to_string()).await,
@@ -272,7 +283,15 @@ async fn ship(
         )
         .await;
     }
-    tracing::info!(%resource, peer = %peer.node, pos, "shipping log");
+    let compression = node.cluster().compression.towards(peer);
+    let mut enc = proto::Encoder::new(compression)?;
+    let link = node.ship_limits.link(&peer.node);
+    // Under a tight limit, smaller frames: each passes within a fraction of
+    // a second, so that the peer never mistakes the wait for silence.
+    let frame_bytes = link.as_ref().map_or(SHIP_BYTES, |l| {
+        SHIP_BYTES.min((l.rate() / 4).max(64 << 10) as usize)
+    });
+    tracing::info!(%resource, peer = %peer.node, pos, ?compression, rate_limit = link.as_ref().map(|l| l.rate()), "shipping log");
     let mut last_sent = Instant::now();
     let counters = res.counters();
     loop {
@@ -285,7 +304,7 @@ async fn ship(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let limit = counters.flushed.load(std::sync::atomic::Ordering::Acquire);
-        let raw = tokio::task::block_in_place(|| store.read_records(pos, limit, SHIP_BYTES))
+        let raw = tokio::task::block_in_place(|| store.read_records(pos, limit, frame_bytes))
             .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
         match raw {
             Some(raw) if raw.records > 0 => {
@@ -297,15 +316,18 @@ async fn ship(
                     proto::write_frame(s, &msg, &raw.file.header.encode()).await?;
                     client_file = Some(raw.file.file_seq);
                 }
-                proto::write_frame(
-                    s,
-                    &Message::LogData {
-                        pos,
-                        records: raw.records,
-                    },
-                    &raw.bytes,
-                )
-                .await?;
+                let (encoding, wire) = tokio::task::block_in_place(|| enc.encode(&raw.bytes));
+                let msg = Message::LogData {
+                    pos,
+                    records: raw.records,
+                    encoding,
+                };
+                ratelimit::take(link.as_deref(), wire.len() as u64).await;
+                let sent = proto::write_frame_len(s, &msg, &wire).await?;
+                counters
+                    .shipped_bytes
+                    .fetch_add(raw.bytes.len() as u64, Relaxed);
+                counters.shipped_wire_bytes.fetch_add(sent, Relaxed);
                 pos += raw.bytes.len() as u64;
                 last_sent = Instant::now();
             }
