@@ -858,6 +858,13 @@ fn commit(
     let mut durable_waiters = Vec::new();
     {
         let mut wb = shared.wb.lock().expect("wb lock");
+        // Writeback waits for the log to become durable (the syncer wakes
+        // it), or naps longer while it has nothing: wake it only when it
+        // gets work after having none, or when the overlay fills up, not on
+        // every commit (a thread wakeup per commit is dear).
+        let wake_writeback = wb.queue.is_empty()
+            || shared.counters.overlay_bytes.load(Ordering::Relaxed)
+                >= shared.cfg.overlay_limit / 4;
         for w in writes.drain(..) {
             let last_end = w
                 .records
@@ -884,7 +891,9 @@ fn commit(
                 let _ = w.reply.send(Ok(()));
             }
         }
-        shared.wb_cv.notify_all();
+        if wake_writeback {
+            shared.wb_cv.notify_all();
+        }
     }
     if !durable_waiters.is_empty() {
         let mut s = shared.sync.lock().expect("sync lock");
