@@ -856,6 +856,8 @@ fn commit(
         .store
         .note_append(appender.start_pos(), end, appender.next_seq());
     let mut durable_waiters = Vec::new();
+    // One wakeup per ublk queue for all the writes completed here.
+    let held_kicks = crate::frontend::ublk::hold_kicks();
     {
         let mut wb = shared.wb.lock().expect("wb lock");
         // Writeback waits for the log to become durable (the syncer wakes
@@ -895,6 +897,7 @@ fn commit(
             shared.wb_cv.notify_all();
         }
     }
+    drop(held_kicks);
     if !durable_waiters.is_empty() {
         let mut s = shared.sync.lock().expect("sync lock");
         s.waiters.extend(durable_waiters);
@@ -955,6 +958,7 @@ fn sync_loop(shared: Arc<Shared>) {
             Ok(()) => {
                 shared.synced_to(target);
                 shared.wb_cv.notify_all();
+                let _held_kicks = crate::frontend::ublk::hold_kicks();
                 for w in waiters {
                     debug_assert!(w.target <= target);
                     let _ = w.reply.send(Ok(()));
