@@ -126,6 +126,67 @@ pub(crate) enum LogReq {
     Rotate {
         reply: Option<oneshot::Sender<Result<bool, IoError>>>,
     },
+    /// Requests held back on one thread and sent together (see [`hold_sends`]).
+    Batch(Vec<LogReq>),
+}
+
+/// Requests for one logger held back on this thread.
+struct Held {
+    logger: *const Logger,
+    tx: mpsc::Sender<LogReq>,
+    shared: Arc<Shared>,
+    reqs: Vec<LogReq>,
+}
+
+thread_local! {
+    static HELD_SENDS: std::cell::RefCell<Option<Vec<Held>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Holds back the requests this thread sends to loggers until the returned
+/// guard is dropped, then sends each logger its requests as one message.
+/// For a ublk queue thread, which starts many writes in one go: the logger
+/// thread is woken once for them instead of once per write.
+pub fn hold_sends() -> SendsHeld {
+    let outermost = HELD_SENDS
+        .try_with(|h| {
+            let mut h = h.borrow_mut();
+            let outermost = h.is_none();
+            if outermost {
+                *h = Some(Vec::new());
+            }
+            outermost
+        })
+        .unwrap_or(false);
+    SendsHeld { outermost }
+}
+
+/// Sends the requests held since [`hold_sends`] when dropped.
+pub struct SendsHeld {
+    outermost: bool,
+}
+
+impl Drop for SendsHeld {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let held = HELD_SENDS
+            .try_with(|h| h.borrow_mut().take())
+            .ok()
+            .flatten();
+        for h in held.into_iter().flatten() {
+            if let Err(mpsc::SendError(LogReq::Batch(reqs))) = h.tx.send(LogReq::Batch(h.reqs)) {
+                // The logger ended meanwhile: the writers see their reply
+                // channel dropped (shutting down); return their quota.
+                for r in reqs {
+                    if let LogReq::Write { quota, .. } = r {
+                        h.shared.quota.release(quota);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A logged record waiting for writeback. Dropping it returns its overlay
@@ -418,11 +479,39 @@ impl Logger {
     fn send(&self, req: LogReq) -> Result<(), IoError> {
         let tx = self.tx.lock().expect("tx lock");
         match tx.as_ref() {
-            Some(tx) if !self.shared.closed.load(Ordering::Acquire) => tx
-                .send(req)
-                .map_err(|_| IoError::ShuttingDown(self.resource().into())),
+            Some(tx) if !self.shared.closed.load(Ordering::Acquire) => match self.hold(tx, req) {
+                None => Ok(()),
+                Some(req) => tx
+                    .send(req)
+                    .map_err(|_| IoError::ShuttingDown(self.resource().into())),
+            },
             _ => Err(IoError::ShuttingDown(self.resource().into())),
         }
+    }
+
+    /// Keeps `req` back if this thread holds its sends (see [`hold_sends`]);
+    /// else gives it back.
+    fn hold(&self, tx: &mpsc::Sender<LogReq>, req: LogReq) -> Option<LogReq> {
+        let mut req = Some(req);
+        let _ = HELD_SENDS.try_with(|h| {
+            if let Some(held) = h.borrow_mut().as_mut() {
+                let me: *const Logger = self;
+                let i = match held.iter().position(|h| h.logger == me) {
+                    Some(i) => i,
+                    None => {
+                        held.push(Held {
+                            logger: me,
+                            tx: tx.clone(),
+                            shared: Arc::clone(&self.shared),
+                            reqs: Vec::new(),
+                        });
+                        held.len() - 1
+                    }
+                };
+                held[i].reqs.extend(req.take());
+            }
+        });
+        req
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), IoError> {
@@ -624,11 +713,16 @@ fn log_loop(
 ) {
     let mut buf = Vec::with_capacity(1 << 20);
     let mut writes: Vec<Staged> = Vec::new();
+    let push = |reqs: &mut Vec<LogReq>, r| match r {
+        LogReq::Batch(batch) => reqs.extend(batch),
+        r => reqs.push(r),
+    };
     while let Ok(first) = rx.recv() {
-        let mut reqs = vec![first];
+        let mut reqs = Vec::new();
+        push(&mut reqs, first);
         while reqs.len() < 512 {
             match rx.try_recv() {
-                Ok(r) => reqs.push(r),
+                Ok(r) => push(&mut reqs, r),
                 Err(_) => break,
             }
         }
@@ -666,6 +760,7 @@ fn log_loop(
                         reply,
                     });
                 }
+                LogReq::Batch(_) => unreachable!("batches are taken apart on receipt"),
                 LogReq::Rotate { reply } => {
                     commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
                     let res = if appender.file_bytes() > FILE_HEADER_LEN as u64 {

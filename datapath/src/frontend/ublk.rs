@@ -536,7 +536,11 @@ fn serve_queue<B: BlockIo>(
     exe.spawn(pump_wakeups(kick)).detach();
     let exe2 = Rc::clone(&exe);
     smol::block_on(exe.run(async {
-        let run_ops = || while exe2.try_tick() {};
+        // The writes the tasks start in one go reach the logger together.
+        let run_ops = || {
+            let _held = crate::logger::hold_sends();
+            while exe2.try_tick() {}
+        };
         let done = || tags.iter().all(|t| t.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await
             && !matches!(e, UblkError::QueueIsDown)
