@@ -68,12 +68,12 @@ impl<R> GroupCommit<R> {
 
     /// The syncer. `sync` makes the log durable up to at least what is
     /// appended when it is called and returns that position; `answer`
-    /// answers one waiter with the outcome. Returns after [`GroupCommit::stop`]
-    /// once no waiter is left.
+    /// answers the waiters of one sync with its outcome. Returns after
+    /// [`GroupCommit::stop`] once no waiter is left.
     pub fn run<E>(
         &self,
         mut sync: impl FnMut() -> Result<u64, E>,
-        mut answer: impl FnMut(R, Result<(), &E>),
+        mut answer: impl FnMut(Vec<R>, Result<(), &E>),
     ) {
         loop {
             let waiters = {
@@ -88,19 +88,14 @@ impl<R> GroupCommit<R> {
                 std::mem::take(&mut s.waiters)
             };
             // Only now: every waiter taken registered before this point.
-            match sync() {
-                Ok(durable) => {
-                    for (target, reply) in waiters {
-                        debug_assert!(target <= durable, "waiter {target} past sync {durable}");
-                        answer(reply, Ok(()));
-                    }
-                }
-                Err(e) => {
-                    for (_, reply) in waiters {
-                        answer(reply, Err(&e));
-                    }
+            let result = sync();
+            if let Ok(durable) = &result {
+                for (target, _) in &waiters {
+                    debug_assert!(target <= durable, "waiter {target} past sync {durable}");
                 }
             }
+            let replies = waiters.into_iter().map(|(_, r)| r).collect();
+            answer(replies, result.as_ref().map(|_| ()));
         }
     }
 }
@@ -133,8 +128,10 @@ mod tests {
                         durable.fetch_max(end, Ordering::SeqCst);
                         Ok(end)
                     },
-                    |reply: mpsc::Sender<bool>, r| {
-                        let _ = reply.send(r.is_ok());
+                    |replies: Vec<mpsc::Sender<bool>>, r| {
+                        for reply in replies {
+                            let _ = reply.send(r.is_ok());
+                        }
                     },
                 )
             })

@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::frontend::{BlockIo, IoError};
 use crate::log::format::{
-    FILE_HEADER_LEN, FileHeader, MAX_PAYLOAD, RECORD_HEADER_LEN, encode_record,
+    FILE_HEADER_LEN, FileHeader, MAX_PAYLOAD, RECORD_HEADER_LEN, encode_record_header,
 };
 use crate::log::{Appender, LogStore, Record, RecordHeader, RecordKind};
 use crate::overlay::Overlay;
@@ -139,6 +139,67 @@ pub(crate) enum LogReq {
     Rotate {
         reply: Option<oneshot::Sender<Result<bool, IoError>>>,
     },
+    /// Requests held back on one thread and sent together (see [`hold_sends`]).
+    Batch(Vec<LogReq>),
+}
+
+/// Requests for one logger held back on this thread.
+struct Held {
+    logger: *const Logger,
+    tx: mpsc::Sender<LogReq>,
+    shared: Arc<Shared>,
+    reqs: Vec<LogReq>,
+}
+
+thread_local! {
+    static HELD_SENDS: std::cell::RefCell<Option<Vec<Held>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Holds back the requests this thread sends to loggers until the returned
+/// guard is dropped, then sends each logger its requests as one message.
+/// For a ublk queue thread, which starts many writes in one go: the logger
+/// thread is woken once for them instead of once per write.
+pub fn hold_sends() -> SendsHeld {
+    let outermost = HELD_SENDS
+        .try_with(|h| {
+            let mut h = h.borrow_mut();
+            let outermost = h.is_none();
+            if outermost {
+                *h = Some(Vec::new());
+            }
+            outermost
+        })
+        .unwrap_or(false);
+    SendsHeld { outermost }
+}
+
+/// Sends the requests held since [`hold_sends`] when dropped.
+pub struct SendsHeld {
+    outermost: bool,
+}
+
+impl Drop for SendsHeld {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let held = HELD_SENDS
+            .try_with(|h| h.borrow_mut().take())
+            .ok()
+            .flatten();
+        for h in held.into_iter().flatten() {
+            if let Err(mpsc::SendError(LogReq::Batch(reqs))) = h.tx.send(LogReq::Batch(h.reqs)) {
+                // The logger ended meanwhile: the writers see their reply
+                // channel dropped (shutting down); return their quota.
+                for r in reqs {
+                    if let LogReq::Write { quota, .. } = r {
+                        h.shared.quota.release(quota);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A logged record waiting for writeback. Dropping it returns its overlay
@@ -437,11 +498,39 @@ impl Logger {
     fn send(&self, req: LogReq) -> Result<(), IoError> {
         let tx = self.tx.lock().expect("tx lock");
         match tx.as_ref() {
-            Some(tx) if !self.shared.closed.load(Ordering::Acquire) => tx
-                .send(req)
-                .map_err(|_| IoError::ShuttingDown(self.resource().into())),
+            Some(tx) if !self.shared.closed.load(Ordering::Acquire) => match self.hold(tx, req) {
+                None => Ok(()),
+                Some(req) => tx
+                    .send(req)
+                    .map_err(|_| IoError::ShuttingDown(self.resource().into())),
+            },
             _ => Err(IoError::ShuttingDown(self.resource().into())),
         }
+    }
+
+    /// Keeps `req` back if this thread holds its sends (see [`hold_sends`]);
+    /// else gives it back.
+    fn hold(&self, tx: &mpsc::Sender<LogReq>, req: LogReq) -> Option<LogReq> {
+        let mut req = Some(req);
+        let _ = HELD_SENDS.try_with(|h| {
+            if let Some(held) = h.borrow_mut().as_mut() {
+                let me: *const Logger = self;
+                let i = match held.iter().position(|h| h.logger == me) {
+                    Some(i) => i,
+                    None => {
+                        held.push(Held {
+                            logger: me,
+                            tx: tx.clone(),
+                            shared: Arc::clone(&self.shared),
+                            reqs: Vec::new(),
+                        });
+                        held.len() - 1
+                    }
+                };
+                held[i].reqs.extend(req.take());
+            }
+        });
+        req
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), IoError> {
@@ -639,11 +728,16 @@ fn log_loop(
 ) {
     let mut buf = Vec::with_capacity(1 << 20);
     let mut writes: Vec<Staged> = Vec::new();
+    let push = |reqs: &mut Vec<LogReq>, r| match r {
+        LogReq::Batch(batch) => reqs.extend(batch),
+        r => reqs.push(r),
+    };
     while let Ok(first) = rx.recv() {
-        let mut reqs = vec![first];
+        let mut reqs = Vec::new();
+        push(&mut reqs, first);
         while reqs.len() < 512 {
             match rx.try_recv() {
-                Ok(r) => reqs.push(r),
+                Ok(r) => push(&mut reqs, r),
                 Err(_) => break,
             }
         }
@@ -681,6 +775,7 @@ fn log_loop(
                         reply,
                     });
                 }
+                LogReq::Batch(_) => unreachable!("batches are taken apart on receipt"),
                 LogReq::Rotate { reply } => {
                     commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
                     let res = if appender.file_bytes() > FILE_HEADER_LEN as u64 {
@@ -802,18 +897,28 @@ fn commit(
     // Whatever lies between the durable end and a record may be torn by a
     // power loss; the record says how far back that goes (see format.rs).
     let durable = shared.flushed();
+    // Only the headers go to `buf`; payloads are written from where they
+    // are (one copy less of every byte on the log thread).
     for w in writes.iter_mut() {
         for (p, rec) in w.records.iter_mut() {
             rec.header.seq = seq;
             rec.header.unsynced = pos.saturating_sub(durable).min(u32::MAX as u64) as u32;
             *p = pos;
-            encode_record(&rec.header, &rec.payload, buf);
+            buf.extend_from_slice(&encode_record_header(&rec.header, &rec.payload));
             pos += rec.header.encoded_len();
             seq += 1;
             count += 1;
         }
     }
-    if let Err(e) = appender.append(buf, count) {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * count as usize);
+    let headers = buf.chunks_exact(RECORD_HEADER_LEN);
+    for (header, (_, rec)) in headers.zip(writes.iter().flat_map(|w| &w.records)) {
+        parts.push(header);
+        parts.push(&rec.payload);
+    }
+    let appended = appender.append_vectored(&parts, count);
+    drop(parts);
+    if let Err(e) = appended {
         tracing::error!(resource = %shared.cfg.resource, error = %e, "appending to the log failed");
         fail_all(shared, writes, || shared.io_err(clone_io(&e)));
         return;
@@ -858,8 +963,17 @@ fn commit(
         .store
         .note_append(appender.start_pos(), end, appender.next_seq());
     let mut durable_waiters = Vec::new();
+    // One wakeup per ublk queue for all the writes completed here.
+    let held_kicks = crate::frontend::ublk::hold_kicks();
     {
         let mut wb = shared.wb.lock().expect("wb lock");
+        // Writeback waits for the log to become durable (the syncer wakes
+        // it), or naps longer while it has nothing: wake it only when it
+        // gets work after having none, or when the overlay fills up, not on
+        // every commit (a thread wakeup per commit is dear).
+        let wake_writeback = wb.queue.is_empty()
+            || shared.counters.overlay_bytes.load(Ordering::Relaxed)
+                >= shared.cfg.overlay_limit / 4;
         for w in writes.drain(..) {
             let last_end = w
                 .records
@@ -883,8 +997,11 @@ fn commit(
                 let _ = w.reply.send(Ok(()));
             }
         }
-        shared.wb_cv.notify_all();
+        if wake_writeback {
+            shared.wb_cv.notify_all();
+        }
     }
+    drop(held_kicks);
     shared.group.wait_for(durable_waiters);
 }
 
@@ -932,8 +1049,12 @@ fn sync_loop(shared: Arc<Shared>) {
             shared.wb_cv.notify_all();
             Ok(target)
         },
-        |reply, r| {
-            let _ = reply.send(r.map_err(|e| shared.io_err(clone_io(e))));
+        |replies, r| {
+            // One wakeup per ublk queue for all the writes answered here.
+            let _held_kicks = crate::frontend::ublk::hold_kicks();
+            for reply in replies {
+                let _ = reply.send(r.map_err(|e| shared.io_err(clone_io(e))));
+            }
         },
     );
 }

@@ -105,27 +105,36 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             batch
         };
-        for p in batch {
-            if !apply_with_retry(&shared, &p, &resource) {
-                // Shutting down with a failing device: the rest stays in the log.
-                persist(&shared, &mut written, &mut persisted, &resource);
-                return;
+        // Write the batch back, then drop what was written from the overlay
+        // under one lock (reads meanwhile get the same bytes from it).
+        let mut applied = 0;
+        while applied < batch.len() && apply_with_retry(&shared, &batch[applied], &resource) {
+            applied += 1;
+        }
+        if let Some(last) = batch[..applied].last() {
+            let mut overlay = shared.overlay.lock().expect("overlay lock");
+            let mut bytes = 0;
+            for p in &batch[..applied] {
+                let h = &p.record.header;
+                overlay.remove(h.offset, h.length, p.pos);
+                bytes += h.payload_len as u64;
             }
-            let h = &p.record.header;
-            shared
-                .overlay
-                .lock()
-                .expect("overlay lock")
-                .remove(h.offset, h.length, p.pos);
+            drop(overlay);
             shared
                 .counters
                 .overlay_bytes
-                .fetch_sub(h.payload_len as u64, Ordering::Relaxed);
+                .fetch_sub(bytes, Ordering::Relaxed);
             written = Position {
-                pos: p.end(),
-                next_seq: h.seq + 1,
+                pos: last.end(),
+                next_seq: last.record.header.seq + 1,
             };
         }
+        if applied < batch.len() {
+            // Shutting down with a failing device: the rest stays in the log.
+            persist(&shared, &mut written, &mut persisted, &resource);
+            return;
+        }
+        drop(batch);
         // Not after every batch: each persist syncs the device and renames a
         // file, which at low queue depth would double the cost of a write.
         if written.pos > persisted

@@ -536,7 +536,11 @@ fn serve_queue<B: BlockIo>(
     exe.spawn(pump_wakeups(kick)).detach();
     let exe2 = Rc::clone(&exe);
     smol::block_on(exe.run(async {
-        let run_ops = || while exe2.try_tick() {};
+        // The writes the tasks start in one go reach the logger together.
+        let run_ops = || {
+            let _held = crate::logger::hold_sends();
+            while exe2.try_tick() {}
+        };
         let done = || tags.iter().all(|t| t.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await
             && !matches!(e, UblkError::QueueIsDown)
@@ -569,11 +573,75 @@ impl Kick {
         })
     }
 
-    fn kick(&self) {
-        if !self.pending.swap(true, Ordering::AcqRel) {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writing 8 bytes from a live buffer to our eventfd.
-            unsafe { nix::libc::write(self.efd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    fn kick(self: &Arc<Self>) {
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Inside `hold_kicks`, the write waits for its end (`pending` keeps
+        // this the only one until then).
+        let held = HELD_KICKS
+            .try_with(|h| match h.borrow_mut().as_mut() {
+                Some(held) => {
+                    held.push(Arc::clone(self));
+                    true
+                }
+                None => false,
+            })
+            .unwrap_or(false);
+        if !held {
+            self.write();
+        }
+    }
+
+    fn write(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a live buffer to our eventfd.
+        unsafe { nix::libc::write(self.efd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+thread_local! {
+    /// Queue wakeups held back on this thread (see [`hold_kicks`]).
+    static HELD_KICKS: std::cell::RefCell<Option<Vec<Arc<Kick>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Holds back the queue wakeups that completing requests on this thread
+/// causes until the returned guard is dropped, then wakes each queue once.
+/// For a thread that completes many requests in a row (the logger's commit):
+/// a queue thread woken by the first completion would otherwise serve it,
+/// sleep, and be woken again for the next one, a syscall and a context
+/// switch each time.
+pub fn hold_kicks() -> HeldKicks {
+    let outermost = HELD_KICKS
+        .try_with(|h| {
+            let mut h = h.borrow_mut();
+            let outermost = h.is_none();
+            if outermost {
+                *h = Some(Vec::new());
+            }
+            outermost
+        })
+        .unwrap_or(false);
+    HeldKicks { outermost }
+}
+
+/// Sends the wakeups held since [`hold_kicks`] when dropped.
+pub struct HeldKicks {
+    outermost: bool,
+}
+
+impl Drop for HeldKicks {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let held = HELD_KICKS
+            .try_with(|h| h.borrow_mut().take())
+            .ok()
+            .flatten();
+        for kick in held.into_iter().flatten() {
+            kick.write();
         }
     }
 }
@@ -881,5 +949,35 @@ mod tests {
             .expect("sender thread");
         assert_eq!(drain(&kick), 1);
         assert!(f.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn held_kicks_wake_each_queue_once_when_the_guard_drops() {
+        let kicks: Vec<Arc<Kick>> = (0..2)
+            .map(|_| Arc::new(Kick::new().expect("eventfd")))
+            .collect();
+        let k = kicks.clone();
+        std::thread::spawn(move || {
+            let held = hold_kicks();
+            {
+                // Nested: the outer guard sends.
+                let _inner = hold_kicks();
+                k[0].kick();
+            }
+            k[0].kick();
+            k[1].kick();
+            for kick in &k {
+                assert_eq!(drain(kick), 0, "nothing written while held");
+            }
+            drop(held);
+            // Not held any more: a kick after the pump consumed one writes at once.
+            assert_eq!(drain(&k[0]), 1);
+            k[0].pending.swap(false, Ordering::AcqRel);
+            k[0].kick();
+            assert_eq!(drain(&k[0]), 1);
+        })
+        .join()
+        .expect("kicking thread");
+        assert_eq!(drain(&kicks[1]), 1);
     }
 }

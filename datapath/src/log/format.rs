@@ -186,22 +186,29 @@ impl FileHeader {
 
 /// Appends the encoding of one record to `out`.
 pub fn encode_record(h: &RecordHeader, payload: &[u8], out: &mut Vec<u8>) {
-    debug_assert_eq!(h.payload_len as usize, payload.len());
-    let start = out.len();
-    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(h.kind as u16).to_le_bytes());
-    out.extend_from_slice(&h.unsynced.to_le_bytes());
-    out.extend_from_slice(&h.seq.to_le_bytes());
-    out.extend_from_slice(&h.generation.to_le_bytes());
-    out.extend_from_slice(&h.offset.to_le_bytes());
-    out.extend_from_slice(&h.length.to_le_bytes());
-    out.extend_from_slice(&h.timestamp_ns.to_le_bytes());
-    out.extend_from_slice(&h.payload_len.to_le_bytes());
-    let mut crc = crc32c::crc32c(&out[start..start + 60]);
-    crc = crc32c::crc32c_append(crc, payload);
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&encode_record_header(h, payload));
     out.extend_from_slice(payload);
+}
+
+/// The 64 header bytes of a record, its checksum covering `payload`, which
+/// follows them in the log: lets a writer append the payload from where it
+/// lies instead of copying it behind the header first.
+pub fn encode_record_header(h: &RecordHeader, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    debug_assert_eq!(h.payload_len as usize, payload.len());
+    let mut b = [0u8; RECORD_HEADER_LEN];
+    b[0..8].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[10..12].copy_from_slice(&(h.kind as u16).to_le_bytes());
+    b[12..16].copy_from_slice(&h.unsynced.to_le_bytes());
+    b[16..24].copy_from_slice(&h.seq.to_le_bytes());
+    b[24..32].copy_from_slice(&h.generation.to_le_bytes());
+    b[32..40].copy_from_slice(&h.offset.to_le_bytes());
+    b[40..48].copy_from_slice(&h.length.to_le_bytes());
+    b[48..56].copy_from_slice(&h.timestamp_ns.to_le_bytes());
+    b[56..60].copy_from_slice(&h.payload_len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..60]), payload);
+    b[60..64].copy_from_slice(&crc.to_le_bytes());
+    b
 }
 
 /// Decodes and checks a record header without its checksum (which covers the

@@ -637,12 +637,18 @@ impl Appender {
     /// failure the file is cut back, so the log never holds a partial record
     /// that a later append would follow.
     pub fn append(&mut self, bytes: &[u8], records: u64) -> std::io::Result<()> {
+        self.append_vectored(&[bytes], records)
+    }
+
+    /// Appends `records` encoded records that lie in `parts`, in order (for
+    /// example each header followed by its payload where it already is).
+    pub fn append_vectored(&mut self, parts: &[&[u8]], records: u64) -> std::io::Result<()> {
         let off = self.end_pos - self.start_pos + FIRST_RECORD;
-        if let Err(e) = self.file.write_all_at(bytes, off) {
+        if let Err(e) = self.file.write_all_vectored_at(parts, off) {
             let _ = self.file.set_len(off);
             return Err(e);
         }
-        self.end_pos += bytes.len() as u64;
+        self.end_pos += parts.iter().map(|p| p.len() as u64).sum::<u64>();
         self.next_seq += records;
         Ok(())
     }

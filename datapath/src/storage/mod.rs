@@ -31,6 +31,12 @@ pub trait File: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// Writes all of `buf` at `offset`.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes `bufs` one after another from `offset`, like one
+    /// `write_all_at` of their concatenation (which is what this default
+    /// does; the real file system writes them in place with pwritev).
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_all_at(&bufs.concat(), offset)
+    }
     /// Makes every completed write of this file durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// Size in bytes (for a block device: its capacity).
