@@ -322,10 +322,18 @@ impl Node {
                 {
                     tracing::warn!(resource = %name, error = %e, "recording the new size failed");
                 }
+                // A full sync copies the device of the primary it started
+                // from: if another took over before the sync ended, the copy
+                // may hold the deposed one's divergent tail. Start over from
+                // the new primary (cheap: only differing chunks travel).
+                let sync_deposed = meta.sync.is_some()
+                    && rstate.and_then(|r| r.primary()).is_some_and(|p| {
+                        p.node != self.cfg.node && p.generation != meta.generation
+                    });
                 // Given up when it had applied up to d: resync, unless it has
                 // moved past d since (a full sync starts past it).
                 let applied = c.written_back.load(Ordering::Acquire);
-                if dropped.get(&self.cfg.node).is_some_and(|&d| applied <= d)
+                if (sync_deposed || dropped.get(&self.cfg.node).is_some_and(|&d| applied <= d))
                     && !meta.fetch_paused
                     && !meta.disconnected
                     && !res.acting.swap(true, Ordering::AcqRel)
@@ -333,7 +341,11 @@ impl Node {
                     // The primary gave our logfiles up (emergency mode): resync.
                     let (node, res2) = (Arc::clone(self), Arc::clone(&res));
                     tokio::spawn(async move {
-                        tracing::warn!(resource = %res2.name(), "the primary gave up our logfiles (emergency mode): full sync");
+                        if sync_deposed {
+                            tracing::warn!(resource = %res2.name(), "the primary changed during the full sync: starting it over");
+                        } else {
+                            tracing::warn!(resource = %res2.name(), "the primary gave up our logfiles (emergency mode): full sync");
+                        }
                         if let Err(e) = node.invalidate(res2.name()).await {
                             *res2.repl_error.lock().expect("error lock") =
                                 Some(format!("emergency resync: {e}"));

@@ -207,6 +207,7 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
     let handoff = Arc::new(Handoff::default());
     let persister = {
         let (res, p, h) = (Arc::clone(&res), app.persister(), Arc::clone(&handoff));
+        let cluster = Arc::clone(&cluster);
         std::thread::Builder::new()
             .name(format!("persist-{}", res.name()))
             .spawn(move || persist_loop(res, p, h, cluster))
@@ -231,8 +232,13 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
         // A full sync is done once the persisted position has passed the
         // position at the end of the copy (it may already be there).
         let durable = res.counters().written_back.load(Ordering::Acquire);
+        // ... and only in the history the copy was of (else the reconcile
+        // loop starts the sync over).
         if let Some(s) = meta.sync
             && s.target.is_some_and(|t| durable >= t)
+            && cluster
+                .primary_of(&name)
+                .is_some_and(|p| p.generation == meta.generation)
         {
             match res.update_meta(|m| {
                 m.disk_state = DiskState::UpToDate;

@@ -79,6 +79,16 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
         .and_then(|r| r.primary())
         .cloned()
         .ok_or("no primary known")?;
+    // The copy is of the primary the sync started from (its generation):
+    // another one's device may hold a divergent tail. The reconcile loop
+    // starts the sync over from the new primary.
+    let generation = res.meta().generation;
+    if primary.generation != generation {
+        return Err(format!(
+            "the primary changed since this full sync started (generation {generation}, now {} on {})",
+            primary.generation, primary.node
+        ));
+    }
     let addr = cluster
         .addr_of(&primary.node)
         .ok_or_else(|| format!("no address for {}", primary.node))?;
@@ -160,6 +170,12 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
         Message::PositionIs { appended, .. } => appended,
         other => return Err(format!("unexpected answer {other:?}")),
     };
+    if cluster.primary_of(res.name()).as_ref() != Some(&primary) {
+        return Err(format!(
+            "{} was deposed during the copy; starting over from the new primary",
+            primary.node
+        ));
+    }
     tracing::info!(resource = %res.name(), bytes = size, sent, secs = started.elapsed().as_secs_f64(), "full sync copied the device");
     *res.sync_progress.lock().expect("progress lock") = None;
     Ok(end)
