@@ -333,7 +333,10 @@ impl Node {
                 // Given up when it had applied up to d: resync, unless it has
                 // moved past d since (a full sync starts past it).
                 let applied = c.written_back.load(Ordering::Acquire);
-                if (sync_deposed || dropped.get(&self.cfg.node).is_some_and(|&d| applied <= d))
+                let log_gone = res.log_gone.load(Ordering::Acquire);
+                if (sync_deposed
+                    || log_gone
+                    || dropped.get(&self.cfg.node).is_some_and(|&d| applied <= d))
                     && !meta.fetch_paused
                     && !meta.disconnected
                     && !res.acting.swap(true, Ordering::AcqRel)
@@ -343,12 +346,17 @@ impl Node {
                     tokio::spawn(async move {
                         if sync_deposed {
                             tracing::warn!(resource = %res2.name(), "the primary changed during the full sync: starting it over");
+                        } else if log_gone {
+                            tracing::warn!(resource = %res2.name(), "the primary no longer has the log from this replica's position: full sync");
                         } else {
                             tracing::warn!(resource = %res2.name(), "the primary gave up our logfiles (emergency mode): full sync");
                         }
-                        if let Err(e) = node.invalidate(res2.name()).await {
-                            *res2.repl_error.lock().expect("error lock") =
-                                Some(format!("emergency resync: {e}"));
+                        match node.invalidate(res2.name()).await {
+                            Ok(_) => res2.log_gone.store(false, Ordering::Release),
+                            Err(e) => {
+                                *res2.repl_error.lock().expect("error lock") =
+                                    Some(format!("resync: {e}"))
+                            }
                         }
                         res2.acting.store(false, Ordering::Release);
                     });

@@ -239,6 +239,9 @@ pub struct Resource {
     /// The resource leaves this node or marsd stops: no secondary runtime
     /// may start any more (checked under the `secondary` lock).
     pub(crate) retired: std::sync::atomic::AtomicBool,
+    /// The primary no longer has the log from this replica's position on
+    /// (the fetcher was told so): only a full sync brings it back.
+    pub(crate) log_gone: std::sync::atomic::AtomicBool,
 }
 
 impl Resource {
@@ -444,6 +447,7 @@ impl Resource {
             apply_lock: Mutex::new(()),
             acting: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
+            log_gone: std::sync::atomic::AtomicBool::new(false),
         });
         res.replay(written_back)?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {

@@ -23,6 +23,14 @@ pub async fn run(res: Arc<Resource>, cluster: Arc<Cluster>) {
     loop {
         match fetch_once(&res, &cluster).await {
             Ok(()) => backoff = Duration::from_millis(100),
+            // The primary no longer has our next record: only a full sync
+            // brings this replica back (the reconcile loop starts it).
+            Err(FetchError::Gone(why)) => {
+                if !res.log_gone.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(resource = %name, reason = %why, "the primary no longer has the log this replica needs: full sync");
+                }
+                *res.repl_error.lock().expect("error lock") = Some(format!("fetch: {why}"));
+            }
             Err(e) => {
                 let msg = e.to_string();
                 if msg != last_error {
@@ -51,6 +59,8 @@ enum FetchError {
     Local(String),
     #[error("no data from the primary for {0:?}")]
     Silent(Duration),
+    #[error("{0}")]
+    Gone(String),
 }
 
 async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), FetchError> {
@@ -108,9 +118,21 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
     let mut last_sync = Instant::now();
     loop {
         let frame: Frame<Message> =
-            tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
+            match tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
                 .await
-                .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
+                .map_err(|_| FetchError::Silent(PEER_TIMEOUT))?
+            {
+                Ok(f) => f,
+                // Only the designated primary's word counts: another
+                // replica may have deleted what the primary still has.
+                Err(proto::Error::Refused(why))
+                    if why.contains(super::server::LOG_GONE)
+                        && designated.as_deref() == Some(primary.node.as_str()) =>
+                {
+                    return Err(FetchError::Gone(why));
+                }
+                Err(e) => return Err(e.into()),
+            };
         cluster.heard_from(&primary.node);
         let now_designated = cluster.primary_of(res.name()).map(|p| p.node);
         if now_designated != designated {

@@ -238,6 +238,10 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
     proto::write_frame(s, &answer, &[]).await
 }
 
+/// Ends a refusal to ship because the log from the asked position on is
+/// gone here (the fetcher of a replica refused so by its primary resyncs).
+pub const LOG_GONE: &str = "a full sync is needed";
+
 /// Streams logfiles from `from_pos` on, up to what is durable here, and
 /// keeps streaming as the log grows. Only whole, checked records travel.
 async fn ship(
@@ -265,7 +269,7 @@ async fn ship(
                 return refuse(
                     s,
                     format!(
-                        "log position {from_pos} of {resource} is not available on {}",
+                        "log position {from_pos} of {resource} is not available on {}: {LOG_GONE}",
                         node.name()
                     ),
                 )
@@ -277,7 +281,7 @@ async fn ship(
         return refuse(
             s,
             format!(
-                "log position {pos} of {resource} was deleted on {}: a full sync is needed",
+                "log position {pos} of {resource} was deleted on {}: {LOG_GONE}",
                 node.name()
             ),
         )
