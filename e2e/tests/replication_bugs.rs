@@ -1,6 +1,7 @@
 //! Bugs this tier found in marsd/marsadm, one test each, named for the
 //! behaviour that should hold; the comment on each test gives the cause.
-//! All of them are fixed now; each test guards its fix.
+//! All of them are fixed now (each test guards its fix) but the one
+//! `#[ignore]`d with "open bug", which the chaos campaign works around.
 //! (This target sorts after `replication`, so a failure here does not keep
 //! `cargo test -p mars-e2e` from running the replication tests first.)
 //!
@@ -496,4 +497,77 @@ fn replicate_r1_from_a(c: &mut mars_e2e::Cluster) -> anyhow::Result<()> {
     }
     c.wait_ok("a", "r1", 30)?;
     Ok(())
+}
+
+/// Found by the chaos campaign (`e2e/chaos`, CI test with `MARS_SEED=100`:
+/// run 100, step 77, a `kill -9` of the primary while its state root was
+/// full). marsd restarted on a full state root replays the log past the
+/// persisted written-back position while loading the resource
+/// (resource.rs `Resource::load` → `replay`), cannot persist the new
+/// position ("persisting position to …/written-back.json: No space left on
+/// device") and refuses the resource, which is fine; but once space is
+/// freed it still refuses it (node.rs `load_all` runs only at start-up):
+/// the primary stays down until marsd is restarted by hand. No data is
+/// lost or damaged (a second restart loads it and holds every write).
+/// Suggested fix: retry loading refused resources whose error is an I/O
+/// error (or load without persisting, the replay being idempotent).
+/// Open: the campaign restarts marsd when it meets this ("KNOWN ISSUE").
+#[test]
+#[ignore = "open bug: a resource refused on a full disk stays refused after space is freed"]
+fn a_resource_refused_at_a_restart_on_a_full_disk_loads_once_space_is_freed() {
+    let opts = Options {
+        tmpfs_root_mib: Some(64),
+        ..Default::default()
+    };
+    let Some(mut c) = start_with_or_skip(&["a"], opts) else {
+        return;
+    };
+    run(&mut c, |c| {
+        c.create_resource("a", "r1", "16M")?;
+        let refused = |c: &mut mars_e2e::Cluster| -> anyhow::Result<Option<String>> {
+            let v = c.host("a").resource("r1")?;
+            Ok(v["error"]
+                .as_str()
+                .filter(|_| v["role"] == "none")
+                .map(String::from))
+        };
+        // Writes, then at once a full root and a kill -9: writeback had no
+        // time to persist its position, so the restart has log to replay.
+        let mut why = None;
+        for round in 0..10u64 {
+            let mut nbd = c.host("a").nbd("r1")?;
+            for i in 0..64u64 {
+                nbd.write(
+                    (round * 64 + i) % 256 * 65536,
+                    &[round as u8 + 1; 65536],
+                    false,
+                )?;
+            }
+            nbd.flush()?;
+            c.host("a").fill_root()?;
+            c.host_mut("a").kill9()?;
+            c.host_mut("a").start()?;
+            why = refused(c)?;
+            c.host("a").free_root()?;
+            if why.is_some() {
+                break;
+            }
+        }
+        let Some(why) = why else {
+            anyhow::bail!("marsd never restarted with log to replay on a full root in 10 tries");
+        };
+        eprintln!("refused on the full root (as it may be): {why}");
+        let loaded = wait_for(
+            "r1 loaded again",
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || Ok(refused(c)?.is_none().then_some(())),
+        );
+        ensure!(
+            loaded.is_ok(),
+            "r1 is still refused 15 s after space was freed: {:?}",
+            refused(c)?
+        );
+        Ok(())
+    });
 }
