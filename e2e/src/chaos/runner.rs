@@ -578,6 +578,23 @@ impl<'c> Campaign<'c> {
 
     fn failover(&mut self, pick: u8, by_kill: bool, keep_ms: u64) -> Result<bool> {
         self.heal()?;
+        // Known open bug (replication_bugs.rs
+        // `a_full_sync_whose_source_is_deposed_during_the_copy_starts_over`):
+        // a full sync in flight at a forced failover may finish from the
+        // deposed primary. Let running full syncs end first (at most 60 s).
+        let since = Instant::now();
+        let mut waited = false;
+        while self.full_sync_running()? && since.elapsed() < Duration::from_secs(60) {
+            waited = true;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if waited {
+            self.report.known_issues += 1;
+            self.log(format!(
+                "KNOWN ISSUE: waited {:.1} s for a full sync to end before the forced failover",
+                since.elapsed().as_secs_f64()
+            ));
+        }
         let mut eligible = Vec::new();
         for h in self.secondaries() {
             if self
@@ -750,7 +767,7 @@ impl<'c> Campaign<'c> {
         // The pause is kept across restarts; refused if the log is.
         let resumed = self.c.host(&h).marsadm(&["resume-replay", R])?;
         self.log(format!("resume-replay on {h}: {}", outcome(&resumed)));
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = self.c.host(&h).resource(R).unwrap_or_default();
             // A resource that failed to load shows as role "none" with its
@@ -794,13 +811,29 @@ impl<'c> Campaign<'c> {
                 return Ok(true);
             }
             if Instant::now() >= deadline {
+                // E.g. cut off by a network fault: the next quiescence
+                // checks that it converges to the primary's bytes.
                 self.log(format!(
-                    "{h} neither refused nor applied past the damage within 30 s: {v}"
+                    "{h} neither refused nor applied past the damage within 10 s \
+                     (left to the next quiescence): {v}"
                 ));
                 return Ok(true);
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Whether a secondary that is up is in a full sync (Inconsistent).
+    fn full_sync_running(&self) -> Result<bool> {
+        for h in self.secondaries() {
+            if self
+                .own_state(&h)?
+                .is_some_and(|s| s.disk_state == "Inconsistent")
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// `leave-resource` on `h`, which rejoins after `rejoin` steps. False
