@@ -651,7 +651,6 @@ fn a_full_sync_whose_source_is_deposed_during_the_copy_starts_over() {
                 Ok((me["disk_state"] == "UpToDate" && me["primary"] == "c").then_some(()))
             },
         )?;
-        c.wait_ok("c", "r1", 60)?;
         c.host("b").marsadm_ok(&["pause-replay", "r1"])?;
         let on_b = c.backing("b", "r1", size)?;
         c.host("b").marsadm_ok(&["resume-replay", "r1"])?;
