@@ -858,7 +858,18 @@ impl<'c> Campaign<'c> {
     fn recreate(&mut self) -> Result<bool> {
         self.stop_writers()?;
         let p = self.primary.clone();
-        let out = self.c.host(&p).marsadm(&["delete-resource", R])?;
+        // The primary learns of leaves by gossip: give it a moment.
+        let since = Instant::now();
+        let out = loop {
+            let out = self.c.host(&p).marsadm(&["delete-resource", R])?;
+            if out.status.success()
+                || !stderr(&out).contains("has replicas")
+                || since.elapsed() > Duration::from_secs(10)
+            {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         if !out.status.success() {
             self.log(format!("delete-resource on {p} refused: {}", stderr(&out)));
             return Ok(false);
