@@ -1104,6 +1104,29 @@ impl<'c> Campaign<'c> {
         }
     }
 
+    /// Known open bug (replication_bugs.rs
+    /// `a_replica_behind_the_new_primarys_log_start_resyncs`): a replica
+    /// whose position the primary's log no longer reaches is refused for
+    /// good yet stays UpToDate. Invalidate it (the operator's remedy).
+    fn resync_stranded(&mut self, hosts: &BTreeSet<String>) -> Result<()> {
+        for h in hosts {
+            let v = self.c.host(h).resource(R).unwrap_or_default();
+            let e = v["error"].as_str().unwrap_or("");
+            if v["disk_state"] == "UpToDate"
+                && (e.contains("is not available on") || e.contains("a full sync is needed"))
+            {
+                self.report.known_issues += 1;
+                let out = self.c.host(h).marsadm(&["invalidate", R])?;
+                self.log(format!(
+                    "KNOWN ISSUE: {h} is UpToDate but refused by the primary ({e}): invalidate: {}",
+                    outcome(&out)
+                ));
+                self.report.invalidations += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Invalidates every replica that reports split brain.
     fn resolve_split_brains(&mut self) -> Result<()> {
         for h in self.secondaries() {
@@ -1262,6 +1285,7 @@ impl<'c> Campaign<'c> {
                 // A replica may have found its split brain only now.
                 self.resolve_split_brains()?;
                 split_resolved = true;
+                self.resync_stranded(&pending)?;
             }
             if started.elapsed() > CONVERGE {
                 let mut views = Vec::new();
