@@ -846,6 +846,19 @@ impl<'c> Campaign<'c> {
         }
         self.fault("leave");
         self.log(format!("{h} left {R}, rejoins in {rejoin} steps"));
+        // Until the primary has heard of it (gossip), a kill of `h` would
+        // keep the leave from it (the recreate scenario needs it known).
+        let p = self.primary.clone();
+        let since = Instant::now();
+        while since.elapsed() < Duration::from_secs(10)
+            && self.c.host(&p).resource(R).is_ok_and(|v| {
+                v["replicas"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|r| r["node"] == h.as_str()))
+            })
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.replicas.remove(&h);
         self.paused.remove(&h);
         self.left.insert(h, rejoin.max(1));
