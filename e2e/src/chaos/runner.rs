@@ -529,8 +529,11 @@ impl<'c> Campaign<'c> {
 
     fn handover(&mut self, pick: u8, kill_ms: Option<u64>, kill_pick: u8) -> Result<bool> {
         let mut eligible = Vec::new();
+        // Not to a host whose state root is full: it cannot log what it
+        // fetches, and marsd waits up to 120 s for it to catch up with no
+        // primary meanwhile (seed 401; an availability cost, not a bug).
         for h in self.secondaries() {
-            if self.own_state(&h)?.is_some_and(|s| s.uptodate()) {
+            if !self.full.contains_key(&h) && self.own_state(&h)?.is_some_and(|s| s.uptodate()) {
                 eligible.push(h);
             }
         }
