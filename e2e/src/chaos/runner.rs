@@ -761,6 +761,9 @@ impl<'c> Campaign<'c> {
                 "{h} holds no fetched log past its applied position"
             ));
             self.start_host(&h)?;
+            // The pause outlives the restart: lift it (left paused, a later
+            // handover to `h` waited for ever; seeds 12 and 401).
+            self.c.host(&h).marsadm_ok(&["resume-replay", R])?;
             return Ok(false);
         };
         d.apply()?;
