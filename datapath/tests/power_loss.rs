@@ -40,7 +40,9 @@
 //!
 //! The seed is printed; `MARS_SEED=N` replays the choices of the writer
 //! and of the disk (the logger's threads still interleave as they will).
-//! `MARS_SIM_SECS=N` runs longer than the default of a few seconds.
+//! `MARS_SIM_SECS=N` runs longer than the default of a few seconds. The
+//! log-layer test runs by count instead: `MARS_SIM_POINTS=N` crash points
+//! (default 100 000; the ignored long test, 10 million on every core).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -961,24 +963,61 @@ fn a_secondary_stays_a_prefix_of_the_primary_through_power_loss() {
 /// syncs and rotations in a seeded pattern, and a crash image after every
 /// operation in both modes. Recovery must succeed and give exactly the
 /// first `c` appended records, with every synced one among them. Cheap
-/// enough for thousands of crash points per second.
+/// enough for thousands of crash points per second, so it runs by count:
+/// `MARS_SIM_POINTS` (default 100 000, the CI share of issue 5's budget).
 #[test]
 fn every_crash_point_of_the_log_recovers_exactly_a_prefix() {
+    let points = log_campaign(points_budget(100_000), 1);
+    assert!(points >= 100_000, "only {points} crash points");
+}
+
+/// The long campaign of the log layer: 10 million crash points (or
+/// `MARS_SIM_POINTS`), rounds spread over every core.
+#[test]
+#[ignore = "long: MARS_SIM_POINTS=10000000 by default; run with --ignored"]
+fn ten_million_crash_points_of_the_log_recover_exactly_a_prefix() {
+    let budget = points_budget(10_000_000);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let points = log_campaign(budget, threads);
+    assert!(points >= budget, "only {points} crash points");
+}
+
+fn points_budget(default: u64) -> u64 {
+    std::env::var("MARS_SIM_POINTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Rounds of [`log_crash_points`] (round `i` with seed `seed + i`, so any
+/// failing round replays alone from the seed it prints) on `threads`
+/// threads until `budget` crash points were checked; returns their number.
+fn log_campaign(budget: u64, threads: usize) -> u64 {
     let seed = seed();
-    eprintln!("log: seed {seed} (replay: MARS_SEED={seed})");
+    eprintln!(
+        "log: seed {seed} (replay: MARS_SEED={seed}), {budget} crash points on {threads} threads"
+    );
     let t = Instant::now();
-    let mut points = 0u64;
-    let mut round = 0u64;
-    while t.elapsed() < budget() {
-        points += log_crash_points(seed.wrapping_add(round));
-        round += 1;
-    }
+    let points = AtomicU64::new(0);
+    let rounds = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while points.load(Ordering::Relaxed) < budget {
+                    let round = rounds.fetch_add(1, Ordering::Relaxed);
+                    let n = log_crash_points(seed.wrapping_add(round));
+                    points.fetch_add(n, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let (points, rounds) = (points.into_inner(), rounds.into_inner());
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
-        "log: {points} crash points in {round} rounds checked in {secs:.1} s ({:.0} per second)",
+        "log: {points} crash points in {rounds} rounds checked in {secs:.1} s ({:.0} per second)",
         points as f64 / secs
     );
-    assert!(points > 1000, "only {points} crash points");
+    points
 }
 
 /// One round of [`every_crash_point_of_the_log_recovers_exactly_a_prefix`];
@@ -1046,7 +1085,9 @@ fn log_crash_points(seed: u64) -> u64 {
             let img = disk.crash(mode);
             let what = || {
                 format!(
-                    "seed {seed}: crash point {points} ({mode:?}, {synced}..={} records)",
+                    "seed {seed}: crash point {points} ({mode:?}, {synced}..={} records; \
+                     replay: MARS_SEED={seed} MARS_SIM_POINTS=1 cargo test -p mars-datapath \
+                     --test power_loss every_crash_point)",
                     appended.len()
                 )
             };

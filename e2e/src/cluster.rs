@@ -12,8 +12,9 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::bins;
 use crate::cmd::{output_within, run_ok};
-use crate::host::Host;
+use crate::host::{Host, PEER_PORT};
 use crate::netns::{self, IP_TIMEOUT, Netns, PREFIX};
+use crate::proxy::{PROXY_PORT, Proxy};
 
 /// Host N (from 0) gets 10.213.0.(N+1)/24, inside its namespace only.
 pub const SUBNET: [u8; 3] = [10, 213, 0];
@@ -30,6 +31,12 @@ pub struct Options {
     /// Extra marsd arguments for one host only (after `marsd_args`), e.g.
     /// `[("a", ["--log-quota", "8M"])]`.
     pub host_args: Vec<(String, Vec<String>)>,
+    /// Every host's state root is a tmpfs of this many MiB (so that a test
+    /// can fill it: see [`Host::fill_root`]).
+    pub tmpfs_root_mib: Option<u64>,
+    /// Every host's peers reach it through a delaying proxy
+    /// ([`crate::proxy`]; delay 0 until [`Cluster::set_delay`]).
+    pub proxy: bool,
 }
 
 pub struct Cluster {
@@ -39,6 +46,8 @@ pub struct Cluster {
     switch: Netns,
     dir: Option<tempfile::TempDir>,
     nft: bool,
+    /// One per host (same order) with [`Options::proxy`], else none.
+    proxies: Vec<Proxy>,
 }
 
 /// Starts a cluster of `hosts` (each running marsd), or prints
@@ -106,6 +115,7 @@ impl Cluster {
             switch,
             dir: Some(dir),
             nft: netns::have_nft(),
+            proxies: Vec::new(),
         };
         for (i, name) in hosts.iter().enumerate() {
             if name.is_empty()
@@ -137,12 +147,20 @@ impl Cluster {
             ns.ip(&["link", "set", "lo", "up"])?;
             let hdir = c.dir().join(name);
             let mut extra = opts.marsd_args.clone();
+            if opts.proxy {
+                c.proxies.push(Proxy::start(&ns, addr, PEER_PORT)?);
+                extra.extend(["--advertise".into(), format!("{addr}:{PROXY_PORT}")]);
+            }
             for (h, args) in &opts.host_args {
                 if h == name {
                     extra.extend(args.iter().cloned());
                 }
             }
-            c.hosts.push(Host::new(name, ns, addr, hdir, extra, bins)?);
+            let mut h = Host::new(name, ns, addr, hdir, extra, bins)?;
+            if let Some(mib) = opts.tmpfs_root_mib {
+                h.mount_tmpfs_root(mib)?;
+            }
+            c.hosts.push(h);
         }
         for h in &mut c.hosts {
             h.spawn()?;
@@ -417,6 +435,29 @@ impl Cluster {
     }
 
     /// Tears everything down now (also done on drop).
+    /// Every chunk `host`'s proxy forwards (both ways, every peer
+    /// connection to `host`) waits a random 0..=`ms` ms; 0 ends that.
+    pub fn set_delay(&self, host: &str, ms: u64) -> Result<()> {
+        self.proxy(host)?.set_delay(ms);
+        Ok(())
+    }
+
+    /// Chunks `host`'s proxy has delayed so far.
+    pub fn delayed(&self, host: &str) -> Result<u64> {
+        Ok(self.proxy(host)?.delayed())
+    }
+
+    fn proxy(&self, host: &str) -> Result<&Proxy> {
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.name() == host)
+            .ok_or_else(|| anyhow!("no host {host}"))?;
+        self.proxies
+            .get(i)
+            .ok_or_else(|| anyhow!("the cluster runs no proxies (Options::proxy)"))
+    }
+
     pub fn shut_down(&mut self) {
         for h in &mut self.hosts {
             h.shut_down();
@@ -438,6 +479,7 @@ impl Drop for Cluster {
             }
         }
         self.hosts.clear();
+        self.proxies.clear();
         for ns in self.host_ns.drain(..) {
             match Arc::try_unwrap(ns) {
                 Ok(mut ns) => ns.delete(),

@@ -28,6 +28,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// marsd promises to exit within 20 s of SIGTERM; a little slack on top.
 pub const TERM_TIMEOUT: Duration = Duration::from_secs(25);
 /// Any `marsadm` call without an explicit limit.
+/// The file [`Host::fill_root`] fills the state root with.
+const FILLER: &str = "disk-full.filler";
 pub const MARSADM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Host {
@@ -40,6 +42,8 @@ pub struct Host {
     extra: Vec<String>,
     bins: &'static Bins,
     child: Option<Child>,
+    /// The state root is a tmpfs mounted by [`Host::mount_tmpfs_root`].
+    tmpfs_root: bool,
 }
 
 impl Host {
@@ -62,7 +66,58 @@ impl Host {
             extra,
             bins,
             child: None,
+            tmpfs_root: false,
         })
+    }
+
+    /// Mounts a tmpfs of `mib` MiB as the state root (before marsd starts;
+    /// unmounted when the host is dropped).
+    pub(crate) fn mount_tmpfs_root(&mut self, mib: u64) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
+        crate::cmd::run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(&self.root),
+            Duration::from_secs(10),
+        )
+        .with_context(|| format!("mounting a tmpfs on {}", self.root.display()))?;
+        self.tmpfs_root = true;
+        Ok(())
+    }
+
+    /// Fills the state root's file system: writes `FILLER` until ENOSPC.
+    /// Returns the bytes written.
+    pub fn fill_root(&self) -> Result<u64> {
+        use std::io::Write;
+        let path = self.root.join(FILLER);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let chunk = vec![0xa5u8; 64 << 10];
+        let mut n = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => return Err(e).with_context(|| format!("filling {}", path.display())),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes what [`Host::fill_root`] wrote.
+    pub fn free_root(&self) -> Result<()> {
+        let path = self.root.join(FILLER);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The node name (`--node`).
@@ -363,6 +418,14 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.shut_down();
+        // A failed test keeps its directory: then the root stays mounted
+        // too, for inspection (`umount` it afterwards).
+        if self.tmpfs_root && !std::thread::panicking() {
+            let _ = crate::cmd::run_ok(
+                Command::new("umount").arg("-l").arg(&self.root),
+                Duration::from_secs(10),
+            );
+        }
     }
 }
 

@@ -59,6 +59,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod host;
 pub mod netns;
+pub mod proxy;
 pub mod workload;
 
 /// The sync NBD client shared with the datapath's tests.

@@ -35,6 +35,10 @@ pub enum Step {
     Loss { pick: u8, pct: u8, steps: u8 },
     /// tbf on both ends of a host's link.
     Rate { pick: u8, kbit: u32, steps: u8 },
+    /// Every chunk on every peer connection to a host waits a random
+    /// 0..=`ms` ms in its proxy (delay, jitter, reordering across
+    /// connections).
+    Delay { pick: u8, ms: u32, steps: u8 },
     /// `marsadm primary` on a secondary; with `kill_ms`, `kill -9` one of
     /// the hosts (`kill_pick` over all) that many ms into the handover.
     Handover {
@@ -70,6 +74,18 @@ pub enum Step {
     Fetch { host: u8, pause: bool },
     /// `invalidate` on host `host` (by index): discard its log, full sync.
     Invalidate { host: u8 },
+    /// Damage a logfile at rest on an UpToDate secondary (`pick`): replay
+    /// paused a moment so that it has fetched past what it applied, a clean
+    /// stop, then one bit flipped (or the file truncated, `truncate`) at a
+    /// place past the applied position chosen by `at`; it starts again and
+    /// must refuse the log (naming the damage) or fetch it again, and never
+    /// apply the damaged part.
+    Corrupt { pick: u8, truncate: bool, at: u64 },
+    /// Fill the state root (a small tmpfs) of the primary (`primary`) or
+    /// of any host (`pick`) for `steps` steps while the writers go on;
+    /// then free it. A full primary may fail writes or wait, never lose a
+    /// completed one.
+    DiskFull { pick: u8, primary: bool, steps: u8 },
     /// Undo every network fault, start every host that is down.
     Heal,
     /// Stop the writers, heal, and wait until every replica is identical
@@ -80,33 +96,6 @@ pub enum Step {
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{self:?}")
-    }
-}
-
-/// What a step counts as in the report (a fault kind or "run").
-impl Step {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Step::Run { .. } => "run",
-            Step::Kill { .. } | Step::KillHost { .. } => "kill -9",
-            Step::Term { .. } => "sigterm",
-            Step::Cut { .. } => "link down",
-            Step::CutBetween { .. } => "path cut",
-            Step::OneWay { .. } => "one-way drop",
-            Step::Loss { .. } => "loss",
-            Step::Rate { .. } => "rate limit",
-            Step::Handover { .. } => "handover",
-            Step::Failover { .. } => "forced failover",
-            Step::Leave { .. } | Step::LeaveHost { .. } => "leave-resource",
-            Step::Recreate => "delete + re-create",
-            Step::Join { .. } => "join-resource",
-            Step::LogRotate { .. } => "log-rotate",
-            Step::LogDelete => "log-delete",
-            Step::Fetch { .. } => "pause/resume-fetch",
-            Step::Invalidate { .. } => "invalidate",
-            Step::Heal => "heal",
-            Step::Quiesce => "quiesce",
-        }
     }
 }
 
@@ -284,7 +273,7 @@ fn random(rng: &mut StdRng, steps: usize, nft: bool) -> Vec<Step> {
     let mut s = Vec::with_capacity(steps + 1);
     // Weights per kind; nftables kinds only with nft.
     let kinds: &[(u32, u8)] = &[
-        (6, 0),  // run
+        (2, 0),  // run
         (5, 1),  // kill -9
         (2, 2),  // sigterm
         (3, 3),  // cut
@@ -298,6 +287,9 @@ fn random(rng: &mut StdRng, steps: usize, nft: bool) -> Vec<Step> {
         (2, 11), // log-rotate
         (1, 12), // log-delete
         (1, 13), // heal
+        (3, 14), // logfile damage at rest
+        (2, 15), // disk full
+        (2, 16), // proxy delay
     ];
     let total: u32 = kinds.iter().map(|k| k.0).sum();
     while s.len() < steps {
@@ -318,7 +310,7 @@ fn random(rng: &mut StdRng, steps: usize, nft: bool) -> Vec<Step> {
         let steps_: u8 = rng.random_range(1..4);
         let step = match kind {
             0 => Step::Run {
-                ms: rng.random_range(300..1500),
+                ms: rng.random_range(200..1000),
             },
             1 => Step::Kill {
                 pick,
@@ -379,6 +371,21 @@ fn random(rng: &mut StdRng, steps: usize, nft: bool) -> Vec<Step> {
                 kill: rng.random_bool(0.3),
             },
             12 => Step::LogDelete,
+            16 => Step::Delay {
+                pick,
+                ms: rng.random_range(5..300),
+                steps: steps_,
+            },
+            15 => Step::DiskFull {
+                pick,
+                primary: rng.random_bool(0.6),
+                steps: rng.random_range(1..3),
+            },
+            14 => Step::Corrupt {
+                pick,
+                truncate: rng.random_bool(0.3),
+                at: rng.random(),
+            },
             _ => Step::Heal,
         };
         s.push(step);
