@@ -1,7 +1,6 @@
 //! Bugs this tier found in marsd/marsadm, one test each, named for the
 //! behaviour that should hold; the comment on each test gives the cause.
-//! All of them are fixed now (each test guards its fix) but the one
-//! `#[ignore]`d with "open bug", which the chaos campaign works around.
+//! All of them are fixed now; each test guards its fix.
 //! (This target sorts after `replication`, so a failure here does not keep
 //! `cargo test -p mars-e2e` from running the replication tests first.)
 //!
@@ -604,9 +603,8 @@ fn replicate_r1_from_a(c: &mut mars_e2e::Cluster) -> anyhow::Result<()> {
 /// lost or damaged (a second restart loads it and holds every write).
 /// Suggested fix: retry loading refused resources whose error is an I/O
 /// error (or load without persisting, the replay being idempotent).
-/// Open: the campaign restarts marsd when it meets this ("KNOWN ISSUE").
+/// Fixed: node.rs `retry_broken` loads refused resources again every 5 s.
 #[test]
-#[ignore = "open bug: a resource refused on a full disk stays refused after space is freed"]
 fn a_resource_refused_at_a_restart_on_a_full_disk_loads_once_space_is_freed() {
     let opts = Options {
         tmpfs_root_mib: Some(64),
@@ -678,14 +676,15 @@ fn a_resource_refused_at_a_restart_on_a_full_disk_loads_once_space_is_freed() {
 /// UpToDate and different from the primary for good. Suggested fix: a full
 /// sync whose source is no longer the designated primary (or whose
 /// generation changed) before its copy ends starts over from the new one.
-/// Open (the fix belongs in replication/). This test forces the same
+/// Fixed: the reconcile loop starts a sync over when the primary's
+/// generation changed, a copy never finishes from a deposed primary, and a
+/// sync ends UpToDate only in its own history. This test forces the same
 /// order (b's link slowed so that the copy is in flight when the primary
 /// is cut off and keeps writing): today the copy finishes from the deposed
 /// primary, with that primary's log end as its target, which the new
 /// primary's log never reaches, so here `b` stays Inconsistent for ever
 /// instead (same cause; the campaign's run had the target below the fork).
 #[test]
-#[ignore = "open bug: a full sync finishes from a primary deposed during its copy"]
 fn a_full_sync_whose_source_is_deposed_during_the_copy_starts_over() {
     let opts = Options {
         marsd_args: ["--startup-wait", "2"].map(String::from).to_vec(),
@@ -767,11 +766,11 @@ fn a_full_sync_whose_source_is_deposed_during_the_copy_starts_over() {
 /// 5; a replica UpToDate while it differs, as in LINBIT/drbd#145).
 /// Suggested fix: a replica refused because the primary's log no longer
 /// reaches its position goes Outdated and starts a full sync (fetcher /
-/// secondary runtime). Open (replication/ is being changed by others).
+/// secondary runtime). Fixed: the fetcher tells such a refusal by the
+/// designated primary apart and the reconcile loop resyncs the replica.
 /// This test builds the same position: b lags (fetch paused) at P, c joins
 /// at S > P and takes over by a planned handover, then b fetches again.
 #[test]
-#[ignore = "open bug: a replica behind the new primary's log start stays UpToDate and never resyncs"]
 fn a_replica_behind_the_new_primarys_log_start_resyncs() {
     let opts = Options {
         marsd_args: ["--logfile-size", "1M"].map(String::from).to_vec(),

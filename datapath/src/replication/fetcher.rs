@@ -118,21 +118,9 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
     let mut last_sync = Instant::now();
     loop {
         let frame: Frame<Message> =
-            match tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
+            tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
                 .await
-                .map_err(|_| FetchError::Silent(PEER_TIMEOUT))?
-            {
-                Ok(f) => f,
-                // Only the designated primary's word counts: another
-                // replica may have deleted what the primary still has.
-                Err(proto::Error::Refused(why))
-                    if why.contains(super::server::LOG_GONE)
-                        && designated.as_deref() == Some(primary.node.as_str()) =>
-                {
-                    return Err(FetchError::Gone(why));
-                }
-                Err(e) => return Err(e.into()),
-            };
+                .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
         cluster.heard_from(&primary.node);
         let now_designated = cluster.primary_of(res.name()).map(|p| p.node);
         if now_designated != designated {
@@ -215,6 +203,15 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                     last_sync = Instant::now();
                 }
             }
+            // Only the designated primary's word counts: another replica
+            // may have deleted what the primary still has.
+            Message::Refused { reason }
+                if reason.contains(super::server::LOG_GONE)
+                    && designated.as_deref() == Some(primary.node.as_str()) =>
+            {
+                return Err(FetchError::Gone(reason));
+            }
+            Message::Refused { reason } => return Err(proto::Error::Refused(reason).into()),
             other => return Err(FetchError::Bad(format!("an unexpected {other:?}"))),
         }
     }
