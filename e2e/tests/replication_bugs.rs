@@ -680,7 +680,7 @@ fn a_resource_refused_at_a_restart_on_a_full_disk_loads_once_space_is_freed() {
 /// generation changed, a copy never finishes from a deposed primary, and a
 /// sync ends UpToDate only in its own history. This test forces the same
 /// order (b's link slowed so that the copy is in flight when the primary
-/// is cut off and keeps writing): today the copy finishes from the deposed
+/// is cut off and keeps writing): before the fix the copy finished from the deposed
 /// primary, with that primary's log end as its target, which the new
 /// primary's log never reaches, so here `b` stays Inconsistent for ever
 /// instead (same cause; the campaign's run had the target below the fork).
