@@ -78,8 +78,6 @@ pub struct Report {
     pub samples: u64,
     pub complete_checks: u64,
     pub invalidations: u64,
-    /// Known open bugs met (and worked around; each logged "KNOWN ISSUE").
-    pub known_issues: u64,
     pub writer_errors: u64,
     /// Seconds each quiescence took to converge.
     pub quiesces: Vec<f64>,
@@ -129,8 +127,7 @@ impl Report {
         let conv: Vec<String> = self.quiesces.iter().map(|s| format!("{s:.1}")).collect();
         format!(
             "chaos {} seed {}: {} steps in {:.1} s, {}, {} steps skipped; {}; \
-             {} prefix samples, {} completeness checks, {} invalidations, {} writer ends by error, \
-             {} known issues met; \
+             {} prefix samples, {} completeness checks, {} invalidations, {} writer ends by error; \
              converged in [{}] s; max VmRSS KiB {:?}; {} violations",
             self.scenario,
             self.seed,
@@ -143,7 +140,6 @@ impl Report {
             self.complete_checks,
             self.invalidations,
             self.writer_errors,
-            self.known_issues,
             conv.join(", "),
             self.max_rss_kib,
             self.violations.len()

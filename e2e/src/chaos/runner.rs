@@ -581,23 +581,6 @@ impl<'c> Campaign<'c> {
 
     fn failover(&mut self, pick: u8, by_kill: bool, keep_ms: u64) -> Result<bool> {
         self.heal()?;
-        // Known open bug (replication_bugs.rs
-        // `a_full_sync_whose_source_is_deposed_during_the_copy_starts_over`):
-        // a full sync in flight at a forced failover may finish from the
-        // deposed primary. Let running full syncs end first (at most 60 s).
-        let since = Instant::now();
-        let mut waited = false;
-        while self.full_sync_running()? && since.elapsed() < Duration::from_secs(60) {
-            waited = true;
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        if waited {
-            self.report.known_issues += 1;
-            self.log(format!(
-                "KNOWN ISSUE: waited {:.1} s for a full sync to end before the forced failover",
-                since.elapsed().as_secs_f64()
-            ));
-        }
         let mut eligible = Vec::new();
         for h in self.secondaries() {
             if self
@@ -829,19 +812,6 @@ impl<'c> Campaign<'c> {
         }
     }
 
-    /// Whether a secondary that is up is in a full sync (Inconsistent).
-    fn full_sync_running(&self) -> Result<bool> {
-        for h in self.secondaries() {
-            if self
-                .own_state(&h)?
-                .is_some_and(|s| s.disk_state == "Inconsistent")
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     /// `leave-resource` on `h`, which rejoins after `rejoin` steps. False
     /// if marsadm refused (logged).
     fn leave(&mut self, h: String, rejoin: u8) -> Result<bool> {
@@ -950,20 +920,11 @@ impl<'c> Campaign<'c> {
         if self.down.contains_key(h) {
             return Ok(());
         }
-        if let Some(e) = self.refused(h)
-            && e.contains("No space left on device")
-        {
-            // Known open bug (replication_bugs.rs
-            // `a_resource_refused_at_a_restart_on_a_full_disk_loads_once_space_is_freed`):
-            // refused at a restart on the full disk, it stays refused
-            // after space is freed until marsd restarts. Do that here.
-            self.report.known_issues += 1;
-            self.log(format!(
-                "KNOWN ISSUE: {h} refused {R} at a restart on its full disk and still does \
-                 with space freed ({e}); restarting marsd"
-            ));
-            self.c.host_mut(h).kill9()?;
-            self.c.host_mut(h).start()?;
+        // A resource refused at a restart on the full disk is loaded again
+        // within seconds once space is freed (marsd retries every 5 s).
+        let since = Instant::now();
+        while self.refused(h).is_some() && since.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(300));
         }
         if let Some(e) = self.refused(h) {
             self.violation(format!("(6) {h} refuses {R} after its disk was full: {e}"));
@@ -1121,29 +1082,6 @@ impl<'c> Campaign<'c> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-
-    /// Known open bug (replication_bugs.rs
-    /// `a_replica_behind_the_new_primarys_log_start_resyncs`): a replica
-    /// whose position the primary's log no longer reaches is refused for
-    /// good yet stays UpToDate. Invalidate it (the operator's remedy).
-    fn resync_stranded(&mut self, hosts: &BTreeSet<String>) -> Result<()> {
-        for h in hosts {
-            let v = self.c.host(h).resource(R).unwrap_or_default();
-            let e = v["error"].as_str().unwrap_or("");
-            if v["disk_state"] == "UpToDate"
-                && (e.contains("is not available on") || e.contains("a full sync is needed"))
-            {
-                self.report.known_issues += 1;
-                let out = self.c.host(h).marsadm(&["invalidate", R])?;
-                self.log(format!(
-                    "KNOWN ISSUE: {h} is UpToDate but refused by the primary ({e}): invalidate: {}",
-                    outcome(&out)
-                ));
-                self.report.invalidations += 1;
-            }
-        }
-        Ok(())
     }
 
     /// Invalidates every replica that reports split brain.
@@ -1304,7 +1242,6 @@ impl<'c> Campaign<'c> {
                 // A replica may have found its split brain only now.
                 self.resolve_split_brains()?;
                 split_resolved = true;
-                self.resync_stranded(&pending)?;
             }
             if started.elapsed() > CONVERGE {
                 let mut views = Vec::new();
