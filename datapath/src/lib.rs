@@ -9,6 +9,7 @@ pub mod control;
 pub mod devices;
 pub mod frontend;
 mod group_commit;
+mod held;
 pub mod log;
 pub mod logger;
 pub mod membership;

@@ -144,7 +144,7 @@ pub(crate) enum LogReq {
 }
 
 /// Requests for one logger held back on this thread.
-struct Held {
+pub(crate) struct Held {
     logger: *const Logger,
     tx: mpsc::Sender<LogReq>,
     shared: Arc<Shared>,
@@ -152,43 +152,16 @@ struct Held {
 }
 
 thread_local! {
-    static HELD_SENDS: std::cell::RefCell<Option<Vec<Held>>> =
-        const { std::cell::RefCell::new(None) };
+    static HELD_SENDS: crate::held::Slot<Held> = const { std::cell::RefCell::new(None) };
 }
 
 /// Holds back the requests this thread sends to loggers until the returned
 /// guard is dropped, then sends each logger its requests as one message.
 /// For a ublk queue thread, which starts many writes in one go: the logger
 /// thread is woken once for them instead of once per write.
-pub fn hold_sends() -> SendsHeld {
-    let outermost = HELD_SENDS
-        .try_with(|h| {
-            let mut h = h.borrow_mut();
-            let outermost = h.is_none();
-            if outermost {
-                *h = Some(Vec::new());
-            }
-            outermost
-        })
-        .unwrap_or(false);
-    SendsHeld { outermost }
-}
-
-/// Sends the requests held since [`hold_sends`] when dropped.
-pub struct SendsHeld {
-    outermost: bool,
-}
-
-impl Drop for SendsHeld {
-    fn drop(&mut self) {
-        if !self.outermost {
-            return;
-        }
-        let held = HELD_SENDS
-            .try_with(|h| h.borrow_mut().take())
-            .ok()
-            .flatten();
-        for h in held.into_iter().flatten() {
+pub(crate) fn hold_sends() -> crate::held::Guard<Held> {
+    crate::held::hold(&HELD_SENDS, |held| {
+        for h in held {
             if let Err(mpsc::SendError(LogReq::Batch(reqs))) = h.tx.send(LogReq::Batch(h.reqs)) {
                 // The logger ended meanwhile: the writers see their reply
                 // channel dropped (shutting down); return their quota.
@@ -199,7 +172,7 @@ impl Drop for SendsHeld {
                 }
             }
         }
-    }
+    })
 }
 
 /// A logged record waiting for writeback. Dropping it returns its overlay
@@ -512,23 +485,21 @@ impl Logger {
     /// else gives it back.
     fn hold(&self, tx: &mpsc::Sender<LogReq>, req: LogReq) -> Option<LogReq> {
         let mut req = Some(req);
-        let _ = HELD_SENDS.try_with(|h| {
-            if let Some(held) = h.borrow_mut().as_mut() {
-                let me: *const Logger = self;
-                let i = match held.iter().position(|h| h.logger == me) {
-                    Some(i) => i,
-                    None => {
-                        held.push(Held {
-                            logger: me,
-                            tx: tx.clone(),
-                            shared: Arc::clone(&self.shared),
-                            reqs: Vec::new(),
-                        });
-                        held.len() - 1
-                    }
-                };
-                held[i].reqs.extend(req.take());
-            }
+        crate::held::with_held(&HELD_SENDS, |held| {
+            let me: *const Logger = self;
+            let i = match held.iter().position(|h| h.logger == me) {
+                Some(i) => i,
+                None => {
+                    held.push(Held {
+                        logger: me,
+                        tx: tx.clone(),
+                        shared: Arc::clone(&self.shared),
+                        reqs: Vec::new(),
+                    });
+                    held.len() - 1
+                }
+            };
+            held[i].reqs.extend(req.take());
         });
         req
     }

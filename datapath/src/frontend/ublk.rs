@@ -554,7 +554,7 @@ fn serve_queue<B: BlockIo>(
 /// [`pump_wakeups`] keeps a read pending on. Wakeups are coalesced: while
 /// one is on its way (`pending`), more cost nothing, so a logger commit
 /// that completes many writes wakes the queue once.
-struct Kick {
+pub(crate) struct Kick {
     efd: OwnedFd,
     pending: AtomicBool,
 }
@@ -579,16 +579,7 @@ impl Kick {
         }
         // Inside `hold_kicks`, the write waits for its end (`pending` keeps
         // this the only one until then).
-        let held = HELD_KICKS
-            .try_with(|h| match h.borrow_mut().as_mut() {
-                Some(held) => {
-                    held.push(Arc::clone(self));
-                    true
-                }
-                None => false,
-            })
-            .unwrap_or(false);
-        if !held {
+        if crate::held::with_held(&HELD_KICKS, |held| held.push(Arc::clone(self))).is_none() {
             self.write();
         }
     }
@@ -602,8 +593,7 @@ impl Kick {
 
 thread_local! {
     /// Queue wakeups held back on this thread (see [`hold_kicks`]).
-    static HELD_KICKS: std::cell::RefCell<Option<Vec<Arc<Kick>>>> =
-        const { std::cell::RefCell::new(None) };
+    static HELD_KICKS: crate::held::Slot<Arc<Kick>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Holds back the queue wakeups that completing requests on this thread
@@ -612,38 +602,12 @@ thread_local! {
 /// a queue thread woken by the first completion would otherwise serve it,
 /// sleep, and be woken again for the next one, a syscall and a context
 /// switch each time.
-pub fn hold_kicks() -> HeldKicks {
-    let outermost = HELD_KICKS
-        .try_with(|h| {
-            let mut h = h.borrow_mut();
-            let outermost = h.is_none();
-            if outermost {
-                *h = Some(Vec::new());
-            }
-            outermost
-        })
-        .unwrap_or(false);
-    HeldKicks { outermost }
-}
-
-/// Sends the wakeups held since [`hold_kicks`] when dropped.
-pub struct HeldKicks {
-    outermost: bool,
-}
-
-impl Drop for HeldKicks {
-    fn drop(&mut self) {
-        if !self.outermost {
-            return;
-        }
-        let held = HELD_KICKS
-            .try_with(|h| h.borrow_mut().take())
-            .ok()
-            .flatten();
-        for kick in held.into_iter().flatten() {
+pub(crate) fn hold_kicks() -> crate::held::Guard<Arc<Kick>> {
+    crate::held::hold(&HELD_KICKS, |kicks| {
+        for kick in kicks {
             kick.write();
         }
-    }
+    })
 }
 
 /// Keeps a read pending on the eventfd so that wakeups from other threads
