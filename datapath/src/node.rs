@@ -171,6 +171,16 @@ impl Node {
         }
     }
 
+    /// Loads resource `name` from its directory in the state root.
+    fn load_resource(&self, name: &str) -> resource::Result<Arc<Resource>> {
+        Resource::load(
+            Arc::clone(&self.storage),
+            &self.cfg.root.join(format!("resource-{name}")),
+            self.settings(),
+            Arc::clone(&self.quota),
+        )
+    }
+
     fn load_all(&self) -> std::io::Result<()> {
         for entry in self.storage.list_dir(&self.cfg.root)? {
             if entry.starts_with(resource::DELETING_PREFIX) {
@@ -181,13 +191,7 @@ impl Node {
             let Some(name) = entry.strip_prefix("resource-") else {
                 continue;
             };
-            let dir = self.cfg.root.join(&entry);
-            match Resource::load(
-                Arc::clone(&self.storage),
-                &dir,
-                self.settings(),
-                Arc::clone(&self.quota),
-            ) {
+            match self.load_resource(name) {
                 Ok(r) => {
                     tracing::info!(
                         resource = name,
@@ -227,13 +231,7 @@ impl Node {
             if !self.broken.read().expect("broken lock").contains_key(&name) {
                 continue; // deleted meanwhile
             }
-            let dir = self.cfg.root.join(format!("resource-{name}"));
-            match Resource::load(
-                Arc::clone(&self.storage),
-                &dir,
-                self.settings(),
-                Arc::clone(&self.quota),
-            ) {
+            match self.load_resource(&name) {
                 Ok(r) => {
                     tracing::info!(resource = %name, role = r.meta().role.as_str(), "resource restored after an earlier failure");
                     self.resources

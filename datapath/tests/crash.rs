@@ -79,10 +79,9 @@ use rand::{Rng, SeedableRng};
 
 use support::daemon::Daemon;
 use support::nbd_client;
+use support::tagged_block::{BLOCK, content, decode_any};
 
 const RES: &str = "crash";
-const BLOCK: usize = 4096;
-const MAGIC: u64 = 0x6d61_7273_6372_7368; // "marscrsh"
 /// A request that gets no reply within this is treated as a dead connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -383,52 +382,8 @@ fn run(s: &Scenario) -> Daemon {
 
 // ---------------------------------------------------------------- content
 
-/// The content of write `id` to `block`: header (magic, id, block, CRC32C of
-/// everything after the CRC) and bytes derived from the id.
-fn block_content(id: u64, block: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BLOCK];
-    b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-    b[8..16].copy_from_slice(&id.to_le_bytes());
-    b[16..24].copy_from_slice(&block.to_le_bytes());
-    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block;
-    for chunk in b[32..].chunks_mut(8) {
-        // splitmix64
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&b[32..]);
-    b[24..28].copy_from_slice(&crc.to_le_bytes());
-    b
-}
-
-/// (write id, block) named by a block's header, after checking that the
-/// whole block is exactly that write's content.
-fn decode_block(b: &[u8]) -> Result<(u64, u64), String> {
-    if b.iter().all(|&x| x == 0) {
-        return Err("all zeroes".into());
-    }
-    let word = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
-    if word(0..8) != MAGIC {
-        return Err(format!("no header (first bytes {:02x?})", &b[..16]));
-    }
-    let (id, block) = (word(8..16), word(16..24));
-    let crc = u32::from_le_bytes(b[24..28].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&b[32..]) != crc {
-        return Err(format!("torn: write {id} to block {block} fails its CRC"));
-    }
-    if b != block_content(id, block) {
-        return Err(format!(
-            "write {id} to block {block} has the right CRC but wrong bytes"
-        ));
-    }
-    Ok((id, block))
-}
-
 fn describe(b: &[u8]) -> String {
-    match decode_block(b) {
+    match decode_any(b) {
         Ok((id, block)) => format!("write {id} (to block {block})"),
         Err(why) => why,
     }
@@ -677,7 +632,7 @@ fn check_round(baseline: &[u8], j: &Journal, image: &[u8]) -> RoundReport {
         let shown = if got == before {
             Shown::Baseline
         } else {
-            match decode_block(got) {
+            match decode_any(got) {
                 Err(why) => {
                     r.violations.push(format!(
                         "(a) block {b} holds neither its content from before the round ({}) nor a write to it: {why}",
@@ -880,7 +835,7 @@ impl Writer {
                         .expect("journal lock")
                         .send_write(block, fua);
                     let flags = if fua { CMD_FLAG_FUA } else { 0 };
-                    let data = block_content(id, block);
+                    let data = content(id, block);
                     (
                         Op::Write(i),
                         request(CMD_WRITE, flags, cookie, block * BLOCK as u64, &data),
@@ -955,7 +910,7 @@ fn checker_accepts_valid_outcomes_and_flags_lost_stale_torn_and_misplaced_blocks
     let image = |blocks: [Option<(u64, u64)>; 4]| -> Vec<u8> {
         blocks
             .iter()
-            .flat_map(|b| b.map_or_else(|| vec![0u8; BLOCK], |(id, at)| block_content(id, at)))
+            .flat_map(|b| b.map_or_else(|| vec![0u8; BLOCK], |(id, at)| content(id, at)))
             .collect()
     };
     let good = image([Some((101, 0)), Some((102, 1)), Some((103, 2)), None]);
@@ -988,7 +943,7 @@ fn checker_accepts_valid_outcomes_and_flags_lost_stale_torn_and_misplaced_blocks
     );
     let mut torn = good.clone();
     torn[2 * BLOCK + 100] ^= 1;
-    expect(torn, "torn: write 103 to block 2");
+    expect(torn, "torn: write 103 (to block 2)");
     expect(
         image([Some((101, 0)), None, Some((103, 2)), Some((103, 2))]),
         "block 3 holds write 103, which was sent to block 2",

@@ -50,6 +50,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+#[path = "support/tagged_block.rs"]
+#[allow(dead_code)] // shared; this test uses part of it
+mod tagged_block;
 use datapath::applicator::Applicator;
 use datapath::applicator::Position;
 use datapath::frontend::BlockIo;
@@ -64,11 +67,10 @@ use datapath::storage::Storage;
 use datapath::storage::sim::{CrashMode, Faults, SimStorage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tagged_block::{BLOCK, content, decode_any};
 
-const BLOCK: usize = 4096;
 const BLOCKS: u64 = 64;
 const SIZE: u64 = BLOCKS * BLOCK as u64;
-const MAGIC: &[u8; 8] = b"MARSSIMB";
 
 fn seed() -> u64 {
     std::env::var("MARS_SEED")
@@ -85,38 +87,14 @@ fn budget() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// The content write `id` puts into `block`.
-fn block_bytes(id: u64, block: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BLOCK];
-    b[..8].copy_from_slice(MAGIC);
-    b[8..16].copy_from_slice(&id.to_le_bytes());
-    b[16..24].copy_from_slice(&block.to_le_bytes());
-    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ block;
-    for chunk in b[32..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    let crc = crc32c::crc32c(&b[32..]);
-    b[24..28].copy_from_slice(&crc.to_le_bytes());
-    b
-}
-
-/// What a block shows, for messages: "zeros", "write 17" or "garbage".
+/// What a block shows, for messages: "zeros", "write 17 (to block 3)" or
+/// why it is neither.
 fn describe(b: &[u8]) -> String {
-    if b.iter().all(|x| *x == 0) {
-        return "zeros".into();
+    match decode_any(b) {
+        Ok((id, block)) => format!("write {id} (to block {block})"),
+        Err(_) if b.iter().all(|x| *x == 0) => "zeros".into(),
+        Err(why) => why,
     }
-    if &b[..8] == MAGIC {
-        let id = u64::from_le_bytes(b[8..16].try_into().unwrap());
-        let block = u64::from_le_bytes(b[16..24].try_into().unwrap());
-        if block_bytes(id, block) == b {
-            return format!("write {id} (of block {block})");
-        }
-        return format!("a damaged copy of write {id}");
-    }
-    "garbage".into()
 }
 
 /// One write of the history: which block, and what it leaves there
@@ -200,7 +178,7 @@ fn prefix_length(device: &[u8], writes: &[Write], lo: u64, hi: u64) -> Result<u6
         let got = &device[b as usize * BLOCK..(b as usize + 1) * BLOCK];
         match v {
             None => got.iter().all(|x| *x == 0),
-            Some(id) => got == block_bytes(id, b).as_slice(),
+            Some(id) => got == content(id, b).as_slice(),
         }
     };
     let mut mismatched: u64 = (0..BLOCKS).filter(|b| !shows(*b, None)).count() as u64;
@@ -362,7 +340,7 @@ fn write_loop(
         let r = if zero {
             rt.block_on(h.write_zeroes(off, BLOCK as u64, fua))
         } else {
-            rt.block_on(h.write(off, Bytes::from(block_bytes(next_id, block)), fua))
+            rt.block_on(h.write(off, Bytes::from(content(next_id, block)), fua))
         };
         if let Err(e) = r {
             // Only an injected fault may fail a request. Its write stays in
@@ -1140,7 +1118,7 @@ fn the_prefix_checker_rejects_lost_and_reordered_writes() {
     ];
     let mut dev = vec![0u8; SIZE as usize];
     let put = |dev: &mut Vec<u8>, b: u64, id: u64| {
-        dev[b as usize * BLOCK..(b as usize + 1) * BLOCK].copy_from_slice(&block_bytes(id, b))
+        dev[b as usize * BLOCK..(b as usize + 1) * BLOCK].copy_from_slice(&content(id, b))
     };
     put(&mut dev, 0, 1);
     assert_eq!(prefix_length(&dev, &writes, 0, 3), Ok(1));

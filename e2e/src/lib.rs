@@ -65,6 +65,8 @@ pub mod workload;
 /// The sync NBD client shared with the datapath's tests.
 #[path = "../../datapath/tests/support/nbd_client.rs"]
 pub mod nbd_client;
+#[path = "../../datapath/tests/support/tagged_block.rs"]
+pub mod tagged_block;
 
 pub use cluster::{Cluster, run, start_or_skip};
 pub use host::Host;

@@ -3,3 +3,4 @@
 
 pub mod daemon;
 pub mod nbd_client;
+pub mod tagged_block;

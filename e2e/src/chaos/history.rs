@@ -42,72 +42,7 @@
 
 use std::collections::BTreeMap;
 
-pub const BLOCK: usize = 4096;
-const MAGIC: u64 = 0x6f61_6863_7372_616d; // "marschao"
-
-/// The content of write `id` to `block`.
-pub fn block_content(id: u64, block: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BLOCK];
-    b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-    b[8..16].copy_from_slice(&id.to_le_bytes());
-    b[16..24].copy_from_slice(&block.to_le_bytes());
-    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block.rotate_left(32);
-    for chunk in b[32..].chunks_mut(8) {
-        // splitmix64
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&b[32..]);
-    b[24..28].copy_from_slice(&crc.to_le_bytes());
-    b
-}
-
-/// What one block of an image holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Shown {
-    /// All zeros: never written.
-    Zero,
-    /// Exactly the content of this write (to this block).
-    Write(u64),
-    /// Anything else, and why.
-    Bad(String),
-}
-
-impl Shown {
-    pub fn describe(&self) -> String {
-        match self {
-            Shown::Zero => "zeros".into(),
-            Shown::Write(id) => format!("write {id}"),
-            Shown::Bad(why) => why.clone(),
-        }
-    }
-}
-
-/// Decodes block number `block` of an image.
-pub fn decode(b: &[u8], block: u64) -> Shown {
-    if b.iter().all(|&x| x == 0) {
-        return Shown::Zero;
-    }
-    let word = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
-    if b.len() != BLOCK || word(0..8) != MAGIC {
-        return Shown::Bad(format!("no write header (first bytes {:02x?})", &b[..16]));
-    }
-    let (id, to) = (word(8..16), word(16..24));
-    let crc = u32::from_le_bytes(b[24..28].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&b[32..]) != crc {
-        return Shown::Bad(format!("torn: write {id} (to block {to}) fails its CRC"));
-    }
-    if to != block {
-        return Shown::Bad(format!("misplaced: write {id} belongs to block {to}"));
-    }
-    if b != block_content(id, to).as_slice() {
-        return Shown::Bad(format!("write {id} has the right CRC but wrong bytes"));
-    }
-    Shown::Write(id)
-}
+pub use crate::tagged_block::{BLOCK, Shown, content as block_content, decode};
 
 #[derive(Clone, Debug)]
 pub struct WriteRec {
