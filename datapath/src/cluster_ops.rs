@@ -341,7 +341,7 @@ impl Node {
                     && !meta.disconnected
                     && !res.acting.swap(true, Ordering::AcqRel)
                 {
-                    // The primary gave our logfiles up (emergency mode): resync.
+                    // Resync by full sync (the log says which of the three).
                     let (node, res2) = (Arc::clone(self), Arc::clone(&res));
                     tokio::spawn(async move {
                         if sync_deposed {

@@ -613,11 +613,6 @@ impl Resource {
         &self.counters
     }
 
-    /// The counters, to keep beyond a borrow of the resource.
-    pub fn counters_arc(&self) -> Arc<Counters> {
-        Arc::clone(&self.counters)
-    }
-
     pub fn opens(&self) -> usize {
         self.opens.load(Ordering::Acquire)
     }
@@ -777,7 +772,6 @@ impl Resource {
             })
     }
 
-    /// Generation of the newest local logfile.
     /// Where this replica's log leaves the history of primary `p`, if it
     /// holds anything past that point. A history is a generation *and* the
     /// node that started it (a logfile's origin): two partitions may each

@@ -102,8 +102,8 @@ async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Re
     let opened = node
         .resource(resource)
         .ok()
-        .and_then(|r| Some((r.open()?, r.counters_arc())));
-    let Some((handle, counters)) = opened else {
+        .and_then(|r| Some((r.open()?, r)));
+    let Some((handle, res)) = opened else {
         return refuse(
             &mut s,
             format!("{} is not primary of {resource}", node.name()),
@@ -117,7 +117,11 @@ async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Re
         .filter(|p| p.node == node.name());
     proto::write_frame(&mut s, &Message::Attached { size, history }, &[]).await?;
     tracing::info!(resource, "remote device session started");
-    let log_end = move || counters.appended.load(std::sync::atomic::Ordering::Acquire);
+    let log_end = move || {
+        res.counters()
+            .appended
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
     crate::frontend::remote::serve(s, Arc::new(handle), log_end).await
 }
 
@@ -186,7 +190,7 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
             offset,
             len,
         } => {
-            let Some((_, logger)) = node.primary_of(&resource) else {
+            let Some((res, logger)) = node.primary_of(&resource) else {
                 return refuse(s, format!("{} is not primary of {resource}", node.name())).await;
             };
             if len > fullsync::CHUNK * 4 {
@@ -200,11 +204,9 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
                     let msg = Message::Chunk { encoding };
                     ratelimit::take(link.as_deref(), wire.len() as u64).await;
                     let sent = proto::write_frame_len(s, &msg, &wire).await?;
-                    if let Ok(res) = node.resource(&resource) {
-                        let c = res.counters();
-                        c.shipped_bytes.fetch_add(data.len() as u64, Relaxed);
-                        c.shipped_wire_bytes.fetch_add(sent, Relaxed);
-                    }
+                    let c = res.counters();
+                    c.shipped_bytes.fetch_add(data.len() as u64, Relaxed);
+                    c.shipped_wire_bytes.fetch_add(sent, Relaxed);
                     return Ok(());
                 }
                 Err(e) => return refuse(s, e.to_string()).await,
