@@ -820,11 +820,13 @@ fn a_secondary_stays_a_prefix_of_the_primary_through_power_loss() {
                     for r in &recs[i..i + k] {
                         encode_record(&r.header, &r.payload, &mut buf);
                     }
+                    // Counted before the append: a crash image taken
+                    // while it runs may hold these records.
+                    appended_records.store(n + k as u64, Ordering::SeqCst);
                     app.append(&buf, k as u64).unwrap();
                     store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
                     i += k;
                     n += k as u64;
-                    appended_records.store(n, Ordering::SeqCst);
                     if rng.random_range(0..3) == 0 || i == recs.len() {
                         app.sync().unwrap();
                         durable_records.store(n, Ordering::SeqCst);
