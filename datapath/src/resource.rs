@@ -242,6 +242,10 @@ pub struct Resource {
     /// The primary no longer has the log from this replica's position on
     /// (the fetcher was told so): only a full sync brings it back.
     pub(crate) log_gone: std::sync::atomic::AtomicBool,
+    /// A background fdatasync of the fetched log copy failed (perhaps after
+    /// its fetcher stopped): the copy past the durable end is in doubt and
+    /// is cut back before anything is appended again.
+    pub(crate) copy_sync_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Resource {
@@ -448,6 +452,7 @@ impl Resource {
             acting: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
             log_gone: std::sync::atomic::AtomicBool::new(false),
+            copy_sync_failed: Arc::default(),
         });
         res.replay(written_back)?;
         if res.state.lock().expect("state lock").meta.role == Role::Primary {

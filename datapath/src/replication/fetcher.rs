@@ -87,6 +87,9 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
         start_pos: 0,
     };
     let store = Arc::clone(res.store());
+    let counters = res.counters();
+    let mut syncs = CopySync::new(Arc::clone(&res.copy_sync_failed));
+    syncs.recover(&store, counters)?;
     // The source sends a logfile's header with its first records, so a
     // newest file without records is dropped and fetched anew: its number
     // may belong to another file there (a new primary's first logfile).
@@ -114,135 +117,248 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
         file_seq,
     };
     proto::write_frame(&mut conn, &req, &[]).await?;
-    let counters = res.counters();
-    let mut last_sync = Instant::now();
-    loop {
-        let frame: Frame<Message> =
-            tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
-                .await
-                .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
-        cluster.heard_from(&primary.node);
-        let now_designated = cluster.primary_of(res.name()).map(|p| p.node);
-        if now_designated != designated {
-            return Err(FetchError::Bad(
-                "a stream from before a change of primary; switching".into(),
-            ));
-        }
-        if designated
-            .as_ref()
-            .is_some_and(|d| *d != primary.node && cluster.connected(d))
-        {
-            return Err(FetchError::Bad(
-                "the primary is reachable again; switching back to it".into(),
-            ));
-        }
-        match frame.msg {
-            Message::LogFile { file_seq, origin } => {
-                let header = FileHeader::decode(&frame.data)
-                    .map_err(|e| FetchError::Bad(format!("a bad logfile header: {e}")))?;
-                if header.file_seq != file_seq {
-                    return Err(FetchError::Bad(format!(
-                        "logfile {file_seq} with a header for {}",
-                        header.file_seq
-                    )));
-                }
-                if let Some(a) = &appender {
-                    if header.start_pos != a.end_pos() || header.first_seq != a.next_seq() {
+    let streamed: Result<(), FetchError> = async {
+        loop {
+            let frame: Frame<Message> =
+                tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut conn))
+                    .await
+                    .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
+            cluster.heard_from(&primary.node);
+            let now_designated = cluster.primary_of(res.name()).map(|p| p.node);
+            if now_designated != designated {
+                return Err(FetchError::Bad(
+                    "a stream from before a change of primary; switching".into(),
+                ));
+            }
+            if designated
+                .as_ref()
+                .is_some_and(|d| *d != primary.node && cluster.connected(d))
+            {
+                return Err(FetchError::Bad(
+                    "the primary is reachable again; switching back to it".into(),
+                ));
+            }
+            match frame.msg {
+                Message::LogFile { file_seq, origin } => {
+                    let header = FileHeader::decode(&frame.data)
+                        .map_err(|e| FetchError::Bad(format!("a bad logfile header: {e}")))?;
+                    if header.file_seq != file_seq {
                         return Err(FetchError::Bad(format!(
-                            "logfile {file_seq} starting at {} (record {}), but our log ends at {} (record {})",
-                            header.start_pos,
-                            header.first_seq,
-                            a.end_pos(),
-                            a.next_seq()
+                            "logfile {file_seq} with a header for {}",
+                            header.file_seq
                         )));
                     }
-                    // The previous file is complete: make it durable before the next begins.
-                    sync(a, &store, counters)?;
+                    if let Some(a) = &appender {
+                        if header.start_pos != a.end_pos() || header.first_seq != a.next_seq() {
+                            return Err(FetchError::Bad(format!(
+                                "logfile {file_seq} starting at {} (record {}), but our log ends at {} (record {})",
+                                header.start_pos,
+                                header.first_seq,
+                                a.end_pos(),
+                                a.next_seq()
+                            )));
+                        }
+                        // The previous file is complete: make it durable before the next begins.
+                        syncs.now(a, &store, counters).await?;
+                    }
+                    let a = tokio::task::block_in_place(|| store.create_file(&origin, header))
+                        .map_err(|e| FetchError::Local(e.to_string()))?;
+                    counters.appended.store(a.end_pos(), Ordering::Release);
+                    appender = Some(a);
                 }
-                let a = tokio::task::block_in_place(|| store.create_file(&origin, header))
-                    .map_err(|e| FetchError::Local(e.to_string()))?;
-                counters.appended.store(a.end_pos(), Ordering::Release);
-                appender = Some(a);
-            }
-            Message::LogData {
-                pos,
-                records,
-                encoding,
-            } => {
-                let a = appender
-                    .as_mut()
-                    .ok_or_else(|| FetchError::Bad("records before any logfile".into()))?;
-                let wire_len = frame.wire_len;
-                let data = proto::decode(frame.data, encoding, proto::MAX_DATA as usize)?;
-                counters
-                    .received_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                counters
-                    .received_wire_bytes
-                    .fetch_add(wire_len, Ordering::Relaxed);
-                if pos != a.end_pos() {
-                    return Err(FetchError::Bad(format!(
-                        "records at position {pos}, but our log ends at {}",
-                        a.end_pos()
-                    )));
+                Message::LogData {
+                    pos,
+                    records,
+                    encoding,
+                } => {
+                    let a = appender
+                        .as_mut()
+                        .ok_or_else(|| FetchError::Bad("records before any logfile".into()))?;
+                    let wire_len = frame.wire_len;
+                    let data = proto::decode(frame.data, encoding, proto::MAX_DATA as usize)?;
+                    counters
+                        .received_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    counters
+                        .received_wire_bytes
+                        .fetch_add(wire_len, Ordering::Relaxed);
+                    if pos != a.end_pos() {
+                        return Err(FetchError::Bad(format!(
+                            "records at position {pos}, but our log ends at {}",
+                            a.end_pos()
+                        )));
+                    }
+                    check_records(&data, records, a.next_seq())?;
+                    tokio::task::block_in_place(|| a.append(&data, records))
+                        .map_err(|e| FetchError::Local(e.to_string()))?;
+                    store.note_append(a.start_pos(), a.end_pos(), a.next_seq());
+                    counters.appended.store(a.end_pos(), Ordering::Release);
+                    syncs.tick(a, &store, counters).await?;
+                    res.repl_error.lock().expect("error lock").take();
                 }
-                check_records(&data, records, a.next_seq())?;
-                tokio::task::block_in_place(|| a.append(&data, records))
-                    .map_err(|e| FetchError::Local(e.to_string()))?;
-                store.note_append(a.start_pos(), a.end_pos(), a.next_seq());
-                counters.appended.store(a.end_pos(), Ordering::Release);
-                if last_sync.elapsed() >= SYNC_INTERVAL {
-                    sync(a, &store, counters)?;
-                    last_sync = Instant::now();
+                Message::Idle { .. } => {
+                    if let Some(a) = &appender {
+                        syncs.now(a, &store, counters).await?;
+                    }
                 }
-                res.repl_error.lock().expect("error lock").take();
-            }
-            Message::Idle { .. } => {
-                if let Some(a) = &appender {
-                    sync(a, &store, counters)?;
-                    last_sync = Instant::now();
+                // Only the designated primary's word counts: another replica
+                // may have deleted what the primary still has.
+                Message::Refused { reason }
+                    if reason.contains(super::server::LOG_GONE)
+                        && designated.as_deref() == Some(primary.node.as_str()) =>
+                {
+                    return Err(FetchError::Gone(reason));
                 }
+                Message::Refused { reason } => return Err(proto::Error::Refused(reason).into()),
+                other => return Err(FetchError::Bad(format!("an unexpected {other:?}"))),
             }
-            // Only the designated primary's word counts: another replica
-            // may have deleted what the primary still has.
-            Message::Refused { reason }
-                if reason.contains(super::server::LOG_GONE)
-                    && designated.as_deref() == Some(primary.node.as_str()) =>
-            {
-                return Err(FetchError::Gone(reason));
-            }
-            Message::Refused { reason } => return Err(proto::Error::Refused(reason).into()),
-            other => return Err(FetchError::Bad(format!("an unexpected {other:?}"))),
         }
     }
+    .await;
+    // Every way out waits for a running sync: its failure must cut the copy
+    // back before anyone appends to it again.
+    let settled = syncs.finish(&store, counters).await;
+    settled.and(streamed)
 }
 
-fn sync(
-    a: &Appender,
-    store: &LogStore,
-    counters: &crate::logger::Counters,
-) -> Result<(), FetchError> {
-    let flushed = counters.flushed.load(Ordering::Acquire);
-    if flushed < a.end_pos() {
-        if let Err(e) = tokio::task::block_in_place(|| a.sync()) {
-            // Linux marks the pages of a failed writeback clean: what was
-            // fetched since the last good sync may be lost on disk, and a
-            // later sync would not say so. Cut the copy back to what is
-            // durable; the next fetch writes the rest again.
-            let cut = tokio::task::block_in_place(|| store.truncate_to(flushed));
-            counters.appended.store(flushed, Ordering::Release);
-            return Err(FetchError::Local(match cut {
-                Ok(_) => {
-                    format!("syncing the log copy failed ({e}); cut back to position {flushed}")
-                }
-                Err(c) => format!(
-                    "syncing the log copy failed ({e}), and cutting it back to position {flushed} failed too: {c}"
-                ),
-            }));
+/// The fdatasync of the local log copy, run beside the fetch loop: receiving
+/// and appending go on while the disk flushes (a sync inline stalled the
+/// stream for the whole flush every `SYNC_INTERVAL`). At most one runs; the
+/// durable end moves only once it succeeded. A failure is also noted on the
+/// resource, because the fetcher may be stopped (pause, a role change)
+/// before it learns of it: the next one cuts the copy back first.
+struct CopySync {
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    running: Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    last: Instant,
+}
+
+impl CopySync {
+    fn new(failed: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Self {
+            failed,
+            running: None,
+            last: Instant::now(),
         }
-        counters.set_flushed(a.end_pos());
     }
-    Ok(())
+
+    /// Collects a finished sync and starts the next one once
+    /// `SYNC_INTERVAL` passed since the last began.
+    async fn tick(
+        &mut self,
+        a: &Appender,
+        store: &LogStore,
+        counters: &crate::logger::Counters,
+    ) -> Result<(), FetchError> {
+        if self.running.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+            self.finish(store, counters).await?;
+        }
+        if self.running.is_none() && self.last.elapsed() >= SYNC_INTERVAL {
+            self.start(a, counters);
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended to `a` durable before it returns.
+    async fn now(
+        &mut self,
+        a: &Appender,
+        store: &LogStore,
+        counters: &crate::logger::Counters,
+    ) -> Result<(), FetchError> {
+        self.finish(store, counters).await?;
+        self.start(a, counters);
+        self.finish(store, counters).await
+    }
+
+    fn start(&mut self, a: &Appender, counters: &crate::logger::Counters) {
+        self.last = Instant::now();
+        if counters.flushed.load(Ordering::Acquire) >= a.end_pos() {
+            return;
+        }
+        let file = Arc::clone(a.file());
+        let failed = Arc::clone(&self.failed);
+        let handle = tokio::task::spawn_blocking(move || {
+            let r = file.sync_data();
+            if r.is_err() {
+                failed.store(true, Ordering::Release);
+            }
+            r
+        });
+        self.running = Some((a.end_pos(), handle));
+    }
+
+    /// Waits for the running sync, if any; on its failure (or an earlier
+    /// one's) cuts the copy back to its durable end.
+    async fn finish(
+        &mut self,
+        store: &LogStore,
+        counters: &crate::logger::Counters,
+    ) -> Result<(), FetchError> {
+        let result = match self.running.take() {
+            Some((end, handle)) => match handle.await {
+                Ok(Ok(())) => {
+                    counters.advance_flushed(end);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(std::io::Error::other(e)),
+            },
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            self.failed.store(true, Ordering::Release);
+            return Err(self.cut_back(store, counters, &e.to_string()));
+        }
+        // A sync of a stopped fetcher may have failed meanwhile: the
+        // appender in use is then stale.
+        if self.failed.load(Ordering::Acquire) {
+            return Err(self.cut_back(store, counters, "in an earlier fetch"));
+        }
+        Ok(())
+    }
+
+    /// Before a fetch resumes the copy: cuts it back if a sync failed while
+    /// no fetcher was waiting for it.
+    fn recover(
+        &self,
+        store: &LogStore,
+        counters: &crate::logger::Counters,
+    ) -> Result<(), FetchError> {
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let e = self.cut_back(store, counters, "in an earlier fetch");
+        if self.failed.load(Ordering::Acquire) {
+            return Err(e);
+        }
+        tracing::warn!(resource = %store.dir().display(), "{e}");
+        Ok(())
+    }
+
+    /// Linux marks the pages of a failed writeback clean: what was fetched
+    /// since the last good sync may be lost on disk, and a later sync would
+    /// not say so. Cuts the copy back to what is durable (the next fetch
+    /// writes the rest again); only a cut that succeeded clears the doubt.
+    fn cut_back(
+        &self,
+        store: &LogStore,
+        counters: &crate::logger::Counters,
+        why: &str,
+    ) -> FetchError {
+        let flushed = counters.flushed.load(Ordering::Acquire);
+        let cut = tokio::task::block_in_place(|| store.truncate_to(flushed));
+        counters.appended.store(flushed, Ordering::Release);
+        FetchError::Local(match cut {
+            Ok(_) => {
+                self.failed.store(false, Ordering::Release);
+                format!("syncing the log copy failed ({why}); cut back to position {flushed}")
+            }
+            Err(c) => format!(
+                "syncing the log copy failed ({why}), and cutting it back to position {flushed} failed too: {c}"
+            ),
+        })
+    }
 }
 
 /// Every record decodes, checksums match and sequence numbers continue ours.
@@ -303,5 +419,152 @@ fn source(res: &Resource, cluster: &Cluster) -> Result<(String, Option<String>),
         None => best_other(None)
             .map(|n| (n, None))
             .ok_or(FetchError::NoPrimary),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::log::format::{RecordHeader, RecordKind, encode_record};
+    use crate::logger::Counters;
+    use crate::storage::sim::{CrashMode, Faults, SimStorage};
+
+    const DIR: &str = "/log";
+
+    /// `n` encoded records from `seq` on, 1 KiB each.
+    fn records(seq: u64, n: u64) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for s in seq..seq + n {
+            let payload = vec![s as u8; 1024];
+            let h = RecordHeader {
+                kind: RecordKind::Write,
+                unsynced: 0,
+                seq: s,
+                generation: 1,
+                offset: s * 4096,
+                length: 1024,
+                timestamp_ns: s,
+                payload_len: 1024,
+            };
+            encode_record(&h, &payload, &mut buf);
+        }
+        buf
+    }
+
+    /// Appends as the fetcher does (the store learns the new end).
+    fn append(store: &LogStore, app: &mut Appender, seq: u64, n: u64) {
+        app.append(&records(seq, n), n).unwrap();
+        store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+    }
+
+    fn setup(disk: &SimStorage) -> (LogStore, Appender) {
+        disk.mkdir_durable(Path::new(DIR));
+        let (store, _) = LogStore::open(Arc::new(disk.clone()), Path::new(DIR)).unwrap();
+        let header = FileHeader {
+            file_seq: 1,
+            start_pos: 0,
+            first_seq: 1,
+            generation: 1,
+        };
+        let app = store.create_file("a", header).unwrap();
+        (store, app)
+    }
+
+    fn failing_syncs(disk: &SimStorage, on: bool) {
+        disk.set_faults(Faults {
+            sync_eio: if on { 1.0 } else { 0.0 },
+            ..Faults::default()
+        });
+    }
+
+    /// The records that survive a power cut of `disk`.
+    fn durable_end(disk: &SimStorage) -> u64 {
+        let img = disk.crash(CrashMode::DropUnsynced);
+        let (store, _) = LogStore::open(Arc::new(img), Path::new(DIR)).unwrap();
+        store.end().map_or(0, |(end, _)| end)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_cuts_the_copy_back_to_its_durable_end() {
+        let disk = SimStorage::new(1);
+        let (store, mut app) = setup(&disk);
+        let counters = Counters::default();
+        let mut syncs = CopySync::new(Arc::default());
+        append(&store, &mut app, 1, 3);
+        syncs.now(&app, &store, &counters).await.unwrap();
+        let good = app.end_pos();
+        assert_eq!(counters.flushed.load(Ordering::Acquire), good);
+
+        append(&store, &mut app, 4, 2);
+        failing_syncs(&disk, true);
+        let e = syncs.now(&app, &store, &counters).await.unwrap_err();
+        // The cut itself needs a sync, which fails too: the doubt stays.
+        assert!(e.to_string().contains("failed too"), "{e}");
+        assert_eq!(counters.flushed.load(Ordering::Acquire), good);
+        failing_syncs(&disk, false);
+        syncs.recover(&store, &counters).unwrap();
+        assert_eq!(store.end().map(|(end, _)| end), Some(good));
+        assert_eq!(counters.appended.load(Ordering::Acquire), good);
+        // Nothing more is in doubt.
+        syncs.recover(&store, &counters).unwrap();
+        assert_eq!(durable_end(&disk), good);
+    }
+
+    /// A fetcher stopped (pause, role change) while its sync runs: the
+    /// failure is found by the next one, which cuts back before it appends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_that_fails_after_its_fetcher_stopped_is_cut_back_by_the_next() {
+        let disk = SimStorage::new(2);
+        let (store, mut app) = setup(&disk);
+        let counters = Counters::default();
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut syncs = CopySync::new(Arc::clone(&failed));
+        append(&store, &mut app, 1, 2);
+        syncs.now(&app, &store, &counters).await.unwrap();
+        let good = app.end_pos();
+
+        append(&store, &mut app, 3, 4);
+        failing_syncs(&disk, true);
+        tokio::time::sleep(SYNC_INTERVAL).await;
+        syncs.tick(&app, &store, &counters).await.unwrap();
+        assert!(syncs.running.is_some(), "a background sync was started");
+        drop(syncs);
+        for _ in 0..500 {
+            if failed.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(failed.load(Ordering::Acquire), "the failure was noted");
+        assert_eq!(counters.flushed.load(Ordering::Acquire), good);
+
+        failing_syncs(&disk, false);
+        let next = CopySync::new(Arc::clone(&failed));
+        next.recover(&store, &counters).unwrap();
+        assert!(!failed.load(Ordering::Acquire));
+        assert_eq!(store.end().map(|(end, _)| end), Some(good));
+        assert_eq!(durable_end(&disk), good);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_syncs_move_the_durable_end_while_appends_go_on() {
+        let disk = SimStorage::new(3);
+        let (store, mut app) = setup(&disk);
+        let counters = Counters::default();
+        let mut syncs = CopySync::new(Arc::default());
+        let mut seq = 1;
+        for _ in 0..5 {
+            append(&store, &mut app, seq, 2);
+            seq += 2;
+            tokio::time::sleep(SYNC_INTERVAL).await;
+            syncs.tick(&app, &store, &counters).await.unwrap();
+        }
+        syncs.finish(&store, &counters).await.unwrap();
+        let flushed = counters.flushed.load(Ordering::Acquire);
+        assert!(flushed > 0 && flushed <= app.end_pos());
+        assert!(durable_end(&disk) >= flushed);
     }
 }
