@@ -273,6 +273,55 @@ impl Cluster {
         crate::check::read_file(&self.host(host).path(&format!("{name}.img")), size)
     }
 
+    /// A consistent image of `host`'s replica of `name`: its backing file
+    /// read with replay paused (between records, never in the middle).
+    pub fn replica_image(&self, host: &str, name: &str, size: u64) -> Result<Vec<u8>> {
+        self.host(host).marsadm_ok(&["pause-replay", name])?;
+        let image = self.backing(host, name, size);
+        self.host(host).marsadm_ok(&["resume-replay", name])?;
+        image
+    }
+
+    /// Writes `len` bytes of `byte` at the start of each of the first
+    /// `chunks` MiB of `name` through `host`'s NBD export, then flushes.
+    pub fn fill(&self, host: &str, name: &str, chunks: u64, byte: u8, len: usize) -> Result<()> {
+        let mut nbd = self.host(host).nbd(name)?;
+        let data = vec![byte; len];
+        for chunk in 0..chunks {
+            nbd.write(chunk << 20, &data, false)
+                .with_context(|| format!("NBD write of chunk {chunk} of {name} on {host}"))?;
+        }
+        nbd.flush().context("NBD flush")?;
+        nbd.disconnect().context("NBD disconnect")
+    }
+
+    /// Waits up to `secs` until `host` says its replica of `name` is
+    /// UpToDate (and, given `primary`, follows that node).
+    pub fn wait_up_to_date(
+        &self,
+        host: &str,
+        name: &str,
+        primary: Option<&str>,
+        secs: u64,
+    ) -> Result<()> {
+        let what = match primary {
+            Some(p) => format!("{host} UpToDate in {name} following {p}"),
+            None => format!("{host} UpToDate in {name}"),
+        };
+        crate::cmd::wait_for(
+            &what,
+            Duration::from_secs(secs),
+            Duration::from_millis(200),
+            || {
+                let me = self.host(host).resource(name)?;
+                Ok(
+                    (me["disk_state"] == "UpToDate" && primary.is_none_or(|p| me["primary"] == p))
+                        .then_some(()),
+                )
+            },
+        )
+    }
+
     /// Lines of every marsd's stderr (all runs) containing `needle`,
     /// prefixed with the host name.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
+use mars_e2e::check::same;
 use mars_e2e::cluster::{Options, start_with_or_skip};
 use mars_e2e::cmd::wait_for;
 use mars_e2e::workload::{RandomOpts, RandomWriter, seed};
@@ -107,7 +108,7 @@ fn wait_works_between_secondary_and_primary() {
         c.host("a").marsadm_ok(&["secondary", "r1"])?;
         c.wait_ok("a", "r1", 30)?;
         c.host("b").marsadm_ok(&["primary", "r1"])?;
-        mars_e2e::check::same("b's device", &model, &c.device("b", "r1", 16 << 20)?)?;
+        same("b's device", &model, &c.device("b", "r1", 16 << 20)?)?;
         Ok(())
     });
 }
@@ -240,7 +241,7 @@ fn a_replica_applying_a_deposed_history_at_a_failover_reports_split_brain() {
         c.wait_ok("b", "r1", 60)?;
         let dev = c.device("b", "r1", SIZE)?;
         for h in ["a", "c"] {
-            mars_e2e::check::same(
+            same(
                 &format!("{h}'s backing file against b's device"),
                 &dev,
                 &c.backing(h, "r1", SIZE)?,
@@ -399,7 +400,7 @@ fn a_lagging_replica_catches_up_from_a_new_primary_after_a_handover() {
             caught_up.is_ok(),
             "c never caught up after the handover: {v:#}"
         );
-        mars_e2e::check::same("c's backing file", &model, &c.backing("c", "r1", 16 << 20)?)?;
+        same("c's backing file", &model, &c.backing("c", "r1", 16 << 20)?)?;
         Ok(())
     });
 }
@@ -561,7 +562,7 @@ fn concurrent_forced_failovers_in_two_partitions_end_in_one_history() {
         c.wait_ok(winner, "r1", 60)?;
         let dev = c.device(winner, "r1", SIZE)?;
         for h in ["a", loser] {
-            mars_e2e::check::same(
+            same(
                 &format!("{h}'s backing file against {winner}'s device"),
                 &dev,
                 &c.backing(h, "r1", SIZE)?,
@@ -700,12 +701,7 @@ fn a_full_sync_whose_source_is_deposed_during_the_copy_starts_over() {
         c.join_cluster("c", "a")?;
         c.join_resource("c", "r1")?;
         // Data in every chunk, so that b's copy has 16 MiB to carry.
-        let mut nbd = c.host("a").nbd("r1")?;
-        for chunk in 0..16u64 {
-            nbd.write(chunk << 20, &[0x11; 1 << 20], false)?;
-        }
-        nbd.flush()?;
-        drop(nbd);
+        c.fill("a", "r1", 16, 0x11, 1 << 20)?;
         c.wait_ok("a", "r1", 30)?;
         // b joins over a slow link: its copy from a is in flight when a is
         // cut off (its own writer goes on: the divergent tail, in every
@@ -714,12 +710,7 @@ fn a_full_sync_whose_source_is_deposed_during_the_copy_starts_over() {
         c.join_resource("b", "r1")?;
         std::thread::sleep(Duration::from_millis(1000));
         c.cut("a")?;
-        let mut nbd = c.host("a").nbd("r1")?;
-        for chunk in 0..16u64 {
-            nbd.write(chunk << 20, &[0xd1; 65536], false)?;
-        }
-        nbd.flush()?;
-        drop(nbd);
+        c.fill("a", "r1", 16, 0xd1, 65536)?;
         wait_for(
             "primary --force on c",
             Duration::from_secs(40),
@@ -734,24 +725,15 @@ fn a_full_sync_whose_source_is_deposed_during_the_copy_starts_over() {
         )?;
         c.restore("a")?;
         c.clear_rate_limit("b")?;
-        wait_for(
-            "b UpToDate following c (its full sync started over from c)",
-            Duration::from_secs(60),
-            Duration::from_millis(300),
-            || {
-                let me = c.host("b").resource("r1")?;
-                Ok((me["disk_state"] == "UpToDate" && me["primary"] == "c").then_some(()))
-            },
-        )?;
-        c.host("b").marsadm_ok(&["pause-replay", "r1"])?;
-        let on_b = c.backing("b", "r1", size)?;
-        c.host("b").marsadm_ok(&["resume-replay", "r1"])?;
+        // Its full sync started over from c.
+        c.wait_up_to_date("b", "r1", Some("c"), 60)?;
+        let on_b = c.replica_image("b", "r1", size)?;
         let on_c = c.device("c", "r1", size)?;
-        ensure!(
-            mars_e2e::check::differences(&on_c, &on_b).is_none(),
-            "b says UpToDate following c but differs from c's device: {}",
-            mars_e2e::check::differences(&on_c, &on_b).unwrap_or_default()
-        );
+        same(
+            "b says UpToDate following c but differs from c's device",
+            &on_c,
+            &on_b,
+        )?;
         Ok(())
     });
 }
@@ -787,22 +769,9 @@ fn a_replica_behind_the_new_primarys_log_start_resyncs() {
         c.join_resource("b", "r1")?;
         c.wait_ok("a", "r1", 30)?;
         c.host("b").marsadm_ok(&["pause-fetch", "r1"])?;
-        let mut nbd = c.host("a").nbd("r1")?;
-        for i in 0..8u64 {
-            nbd.write(i << 20, &[0x22; 1 << 20], false)?;
-        }
-        nbd.flush()?;
-        drop(nbd);
+        c.fill("a", "r1", 8, 0x22, 1 << 20)?;
         c.join_resource("c", "r1")?;
-        wait_for(
-            "c UpToDate",
-            Duration::from_secs(60),
-            Duration::from_millis(300),
-            || {
-                let me = c.host("c").resource("r1")?;
-                Ok((me["disk_state"] == "UpToDate").then_some(()))
-            },
-        )?;
+        c.wait_up_to_date("c", "r1", None, 60)?;
         c.host("c").marsadm_ok(&["primary", "r1"])?;
         c.host("b").marsadm_ok(&["resume-fetch", "r1"])?;
         let mut nbd = c.host("c").nbd("r1")?;
@@ -828,15 +797,13 @@ fn a_replica_behind_the_new_primarys_log_start_resyncs() {
             caught_up.is_ok(),
             "b never caught up with c (log end {end}): {me}"
         );
-        c.host("b").marsadm_ok(&["pause-replay", "r1"])?;
-        let on_b = c.backing("b", "r1", size)?;
-        c.host("b").marsadm_ok(&["resume-replay", "r1"])?;
+        let on_b = c.replica_image("b", "r1", size)?;
         let on_c = c.device("c", "r1", size)?;
-        ensure!(
-            mars_e2e::check::differences(&on_c, &on_b).is_none(),
-            "b is UpToDate at c's log end but differs from c: {}",
-            mars_e2e::check::differences(&on_c, &on_b).unwrap_or_default()
-        );
+        same(
+            "b is UpToDate at c's log end but differs from c",
+            &on_c,
+            &on_b,
+        )?;
         Ok(())
     });
 }
