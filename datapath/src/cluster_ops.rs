@@ -208,7 +208,7 @@ impl Node {
             ))
         })?;
         let backing = self.check_backing(name, path)?;
-        let (join, size) = self.sync_start(name, &primary.node, &addr).await?;
+        let (join, size, lineage) = self.sync_start(name, &primary.node, &addr).await?;
         let start_pos = join.start_pos;
         let res = {
             let node = Arc::clone(self);
@@ -225,6 +225,7 @@ impl Node {
                     size,
                     Some(join),
                 )?;
+                r.store().adopt_lineage(lineage);
                 node.resources
                     .write()
                     .expect("resources lock")
@@ -865,12 +866,16 @@ impl Node {
             .cluster
             .addr_of(&p.node)
             .ok_or_else(|| Error::Cluster(format!("{name}: no address for {}", p.node)))?;
-        let (join, _) = self.sync_start(name, &p.node, &addr).await?;
+        let (join, _, lineage) = self.sync_start(name, &p.node, &addr).await?;
         let start_pos = join.start_pos;
         let r2 = Arc::clone(&res);
-        tokio::task::spawn_blocking(move || r2.reset_for_full_sync(join))
-            .await
-            .map_err(|e| Error::Cluster(format!("invalidate failed: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            r2.reset_for_full_sync(join)?;
+            r2.store().adopt_lineage(lineage);
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Cluster(format!("invalidate failed: {e}")))??;
         let info = ReplicaInfo {
             disk_state: "Inconsistent".into(),
             applied: start_pos,
@@ -969,13 +974,14 @@ impl Node {
 
 impl Node {
     /// Asks the primary to start a full sync for this node: it pins its log
-    /// there. Returns where the sync starts and the device size.
+    /// there. Returns where the sync starts, the device size and the
+    /// lineage of the primary's log up to there.
     async fn sync_start(
         &self,
         name: &str,
         primary: &str,
         addr: &str,
-    ) -> resource::Result<(JoinPoint, u64)> {
+    ) -> resource::Result<(JoinPoint, u64, crate::log::Lineage)> {
         let req = Message::SyncStart {
             resource: name.into(),
             node: self.cfg.node.clone(),
@@ -999,6 +1005,7 @@ impl Node {
                 size,
                 generation,
                 next_seq,
+                lineage,
             } => Ok((
                 JoinPoint {
                     start_pos,
@@ -1006,6 +1013,7 @@ impl Node {
                     generation,
                 },
                 size,
+                crate::log::Lineage::new(lineage),
             )),
             _ => Err(Error::Cluster(format!(
                 "{name}: unexpected answer from its primary {primary}"

@@ -13,8 +13,10 @@
 //! old primary acknowledged. A file system on this device would then go on
 //! over data that changed under it. So the device remembers how far in the
 //! log its acknowledged writes reached (and in which history); a new
-//! primary whose history starts before that point fails every further
-//! request with EIO until the device is detached and attached again.
+//! primary whose log left that history before that point (its lineage says
+//! where, across any number of primary changes the device did not see)
+//! fails every further request with EIO until the device is detached and
+//! attached again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{BlockIo, IoError, libc_errno};
 use crate::cluster::Cluster;
+use crate::log::lineage::{Lineage, NotInLineage};
 use crate::membership::PrimaryInfo;
 use crate::replication::proto::{self, Frame, Message, Purpose};
 
@@ -58,6 +61,45 @@ pub struct RemoteVolume {
     acked: Mutex<Option<(PrimaryInfo, u64)>>,
     /// Why this device fails every request (acknowledged writes may be lost).
     lost: Mutex<Option<String>>,
+}
+
+/// Why a primary in history `new`, whose log came from the histories in
+/// `lineage`, may lack the writes a device acknowledged up to log position
+/// `acked` in history `old`. Its log holds `old`'s records up to where its
+/// lineage left that history, which may be long before `new` began: two
+/// failovers while the device was away (`new` alone would not tell).
+fn lost_writes(
+    old: &PrimaryInfo,
+    acked: u64,
+    new: &PrimaryInfo,
+    lineage: &Lineage,
+) -> Option<String> {
+    if old.generation == new.generation && old.node == new.node {
+        return None;
+    }
+    let acked_in = |fork: u64, how: &str| {
+        (fork < acked).then(|| {
+            format!(
+                "the new primary {} (generation {}) {how} at log position {fork}, \
+                 but writes this device acknowledged reached position {acked} on {} (generation {})",
+                new.node, new.generation, old.node, old.generation
+            )
+        })
+    };
+    if lineage.epochs().is_empty() {
+        // An older peer: only its own history's start is known.
+        return acked_in(new.start_pos, "continues the log");
+    }
+    match lineage.leaves(old.generation, &old.node) {
+        Ok(Some(fork)) => acked_in(fork, "holds a log that left that history"),
+        // Its newest logfile is still of that history.
+        Ok(None) => acked_in(new.start_pos, "continues the log"),
+        Err(NotInLineage) => Some(format!(
+            "the log of the new primary {} (generation {}) does not come from the history \
+             (generation {} of {}) in which this device's writes up to position {acked} were acknowledged",
+            new.node, new.generation, old.generation, old.node
+        )),
+    }
 }
 
 /// errno, data, log end.
@@ -123,15 +165,19 @@ impl RemoteVolume {
         let f: Frame<Message> = proto::read_frame(&mut s)
             .await
             .map_err(|e| self.unreachable(e.to_string()))?;
-        let history = match f.msg {
-            Message::Attached { size, history } => {
+        let (history, lineage) = match f.msg {
+            Message::Attached {
+                size,
+                history,
+                lineage,
+            } => {
                 self.size.store(size, Ordering::Release);
-                history
+                (history, Lineage::new(lineage))
             }
             Message::Refused { reason } => return Err(self.unreachable(reason)),
             other => return Err(self.unreachable(format!("unexpected answer {other:?}"))),
         };
-        if let Some(why) = self.check_history(history.as_ref()) {
+        if let Some(why) = self.check_history(history.as_ref(), &lineage) {
             tracing::error!(resource = %self.resource, "{why}");
             *self.lost.lock().expect("lost lock") = Some(why);
             return Err(self
@@ -144,20 +190,18 @@ impl RemoteVolume {
         Ok(conn)
     }
 
-    /// Why `new` (the history of a primary just connected to) may lack
-    /// writes this device acknowledged, if it may.
-    fn check_history(&self, new: Option<&PrimaryInfo>) -> Option<String> {
+    /// Why `new` (the history of a primary just connected to, whose log
+    /// came from the histories in `lineage`) may lack writes this device
+    /// acknowledged, if it may.
+    fn check_history(&self, new: Option<&PrimaryInfo>, lineage: &Lineage) -> Option<String> {
         let new = new?;
         let acked = self.acked.lock().expect("acked lock");
         let (old, pos) = acked.as_ref()?;
-        let same = old.generation == new.generation && old.node == new.node;
-        (!same && new.start_pos < *pos).then(|| {
+        lost_writes(old, *pos, new, lineage).map(|why| {
             format!(
-                "{}: the new primary {} continues the log from position {} (generation {}), \
-                 but writes this device acknowledged reached position {} on {}: they may be lost; \
-                 the device fails every request until it is detached and attached again \
-                 (check the file system before using it again)",
-                self.resource, new.node, new.start_pos, new.generation, pos, old.node
+                "{}: {why}: they may be lost; the device fails every request until it is \
+                 detached and attached again (check the file system before using it again)",
+                self.resource
             )
         })
     }
@@ -394,4 +438,73 @@ pub async fn serve<B: BlockIo>(
     drop(tx);
     let _ = writer.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::Epoch;
+
+    fn h(generation: u64, node: &str, start_pos: u64) -> PrimaryInfo {
+        PrimaryInfo {
+            node: node.into(),
+            generation,
+            start_pos,
+        }
+    }
+
+    fn lineage(epochs: &[(u64, &str, u64)]) -> Lineage {
+        Lineage::new(
+            epochs
+                .iter()
+                .map(|&(generation, origin, start_pos)| Epoch {
+                    generation,
+                    origin: origin.into(),
+                    start_pos,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_same_history_loses_nothing() {
+        let l = lineage(&[(1, "a", 0)]);
+        assert_eq!(lost_writes(&h(1, "a", 0), 500, &h(1, "a", 0), &l), None);
+    }
+
+    /// The device acknowledged writes up to 200 on a; b forced its way in
+    /// at 100 (losing them), then handed over to c at 300. c's own start
+    /// says nothing is lost; its lineage says where a's history was left.
+    #[test]
+    fn two_failovers_while_the_device_was_away_are_seen_in_the_lineage() {
+        let old = h(1, "a", 0);
+        let new = h(3, "c", 300);
+        let l = lineage(&[(1, "a", 0), (2, "b", 100), (3, "c", 300)]);
+        let why = lost_writes(&old, 200, &new, &l).expect("writes after 100 are lost");
+        assert!(
+            why.contains("position 100") && why.contains("position 200"),
+            "{why}"
+        );
+        // What an older primary (no lineage) allows: only c's start counts.
+        assert_eq!(lost_writes(&old, 200, &new, &Lineage::default()), None);
+        // b took over after the acknowledged writes: nothing lost.
+        let l = lineage(&[(1, "a", 0), (2, "b", 250), (3, "c", 300)]);
+        assert_eq!(lost_writes(&old, 200, &new, &l), None);
+    }
+
+    #[test]
+    fn a_new_primary_without_a_logfile_of_its_own_yet_counts_from_its_start() {
+        let l = lineage(&[(1, "a", 0)]);
+        assert!(lost_writes(&h(1, "a", 0), 200, &h(2, "b", 150), &l).is_some());
+        assert_eq!(lost_writes(&h(1, "a", 0), 100, &h(2, "b", 150), &l), None);
+    }
+
+    /// a deposed history (or one older than the lineage keeps): nothing
+    /// vouches for the device's writes.
+    #[test]
+    fn a_history_the_new_primary_never_had_is_lost() {
+        let l = lineage(&[(1, "a", 0), (2, "c", 100)]);
+        let why = lost_writes(&h(2, "b", 100), 150, &h(2, "c", 100), &l).unwrap();
+        assert!(why.contains("does not come from the history"), "{why}");
+    }
 }

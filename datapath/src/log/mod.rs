@@ -5,10 +5,12 @@
 //! offset `offset`.
 
 pub mod format;
+pub mod lineage;
 pub mod reader;
 pub mod store;
 
 pub use format::{Record, RecordHeader, RecordKind};
+pub use lineage::{Epoch, Lineage};
 pub use store::{Appender, LogCursor, LogStore, Recovered};
 
 use std::path::PathBuf;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::format::{FILE_HEADER_LEN, FileHeader, Record};
+use super::lineage::{Epoch, Lineage};
 use super::reader::{FIRST_RECORD, RecordReader, Stop};
 use super::{Error, Result};
 use crate::storage::{File, OpenMode, Storage};
@@ -37,6 +38,7 @@ pub struct LogStore {
     storage: Arc<dyn Storage>,
     dir: PathBuf,
     files: Mutex<Vec<LogFileInfo>>,
+    lineage: Mutex<Lineage>,
 }
 
 /// Where [`LogStore::persist_durable`] keeps the durable floor.
@@ -46,6 +48,45 @@ const DURABLE_FILE: &str = "durable.json";
 #[derive(serde::Serialize, serde::Deserialize)]
 struct DurableFloor {
     durable: u64,
+}
+
+/// The lineage of the log in `dir`, made to agree with its logfiles: a
+/// crash may have come between a logfile's creation (or a cut) and the
+/// update of the lineage file. Logs from before lineages were kept get
+/// one from their headers.
+fn recover_lineage(storage: &dyn Storage, dir: &Path, files: &[LogFileInfo]) -> Lineage {
+    // Only remote devices' checks rely on it: a damaged one is made again
+    // from the headers rather than keeping the log from opening.
+    let stored = Lineage::load(storage, dir).unwrap_or_else(|e| {
+        tracing::warn!(dir = %dir.display(), error = %e, "the log's lineage is unreadable; it is derived from the logfiles again");
+        None
+    });
+    let mut lineage = stored.clone().unwrap_or_default();
+    if let Some(last) = files.last() {
+        let (end, last_start) = (last.end_pos, last.header.start_pos);
+        lineage.cut_unless(|e| e.start_pos < end || e.start_pos == last_start);
+    }
+    let newest = lineage.epochs().last().map(|e| e.start_pos);
+    for f in files {
+        // Older files are in the lineage already; noting them again would
+        // drop the epochs after them.
+        if newest.is_none_or(|n| f.header.start_pos >= n) {
+            lineage.note(Epoch {
+                generation: f.header.generation,
+                origin: f.origin.clone(),
+                start_pos: f.header.start_pos,
+            });
+        }
+    }
+    if stored.as_ref() != Some(&lineage)
+        && !lineage.epochs().is_empty()
+        && let Err(e) = lineage.store(storage, dir)
+    {
+        // As in `update_lineage`: the next start derives it again (a full
+        // disk must not keep the log from opening).
+        tracing::warn!(dir = %dir.display(), error = %e, "persisting the log's lineage failed");
+    }
+    lineage
 }
 
 /// `log-000000001-node1` → (1, "node1").
@@ -190,10 +231,12 @@ impl LogStore {
             next_file_seq: f.file_seq + 1,
             last_generation: f.header.generation,
         });
+        let lineage = recover_lineage(&*storage, dir, &files);
         let store = Self {
             storage,
             dir: dir.to_path_buf(),
             files: Mutex::new(files),
+            lineage: Mutex::new(lineage),
         };
         Ok((store, recovered))
     }
@@ -285,6 +328,13 @@ impl LogStore {
                 end_seq: header.first_seq,
             });
         tracing::info!(file = %path.display(), pos = header.start_pos, generation = header.generation, "new logfile");
+        self.update_lineage(|l| {
+            l.note(Epoch {
+                generation: header.generation,
+                origin: origin.to_string(),
+                start_pos: header.start_pos,
+            })
+        });
         Ok(Appender {
             file,
             path,
@@ -325,10 +375,11 @@ impl LogStore {
                 .retain(|f| f.path != last.path);
             dropped = Some(last.header.start_pos);
         }
-        if dropped.is_some() {
+        if let Some(pos) = dropped {
             self.storage
                 .sync_dir(&self.dir)
                 .map_err(Error::io(&self.dir))?;
+            self.update_lineage(|l| l.cut(pos));
         }
         Ok(dropped)
     }
@@ -482,9 +533,40 @@ impl LogStore {
         self.storage
             .sync_dir(&self.dir)
             .map_err(Error::io(&self.dir))?;
-        let mut list = self.files.lock().expect("log store lock");
-        list.retain(|f| f.header.start_pos < pos);
+        self.files
+            .lock()
+            .expect("log store lock")
+            .retain(|f| f.header.start_pos < pos);
+        self.update_lineage(|l| l.cut(pos));
         Ok(freed)
+    }
+
+    /// The histories this log's records came from, oldest first.
+    pub fn lineage(&self) -> Lineage {
+        self.lineage.lock().expect("lineage lock").clone()
+    }
+
+    /// Takes the lineage of the log this one continues (a replica that
+    /// starts a full sync from the primary's log position: its own log
+    /// begins later, and deleted logfiles no longer tell the older part).
+    pub fn adopt_lineage(&self, lineage: Lineage) {
+        self.update_lineage(|l| {
+            let changed = *l != lineage;
+            *l = lineage;
+            changed
+        });
+    }
+
+    /// Applies `change` to the lineage and persists it if it changed. A
+    /// failure is logged, not returned: the logfiles were changed already,
+    /// and the next start derives what is missing from their headers.
+    fn update_lineage(&self, change: impl FnOnce(&mut Lineage) -> bool) {
+        let mut l = self.lineage.lock().expect("lineage lock");
+        if change(&mut l)
+            && let Err(e) = l.store(&*self.storage, &self.dir)
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "persisting the log's lineage failed");
+        }
     }
 
     /// Deletes every logfile (a replica that starts over with a full sync).
@@ -835,6 +917,72 @@ mod tests {
         }
         assert_eq!(rec.map(|r| r.next_seq), Some(out.len() as u64 + 1));
         Ok(out)
+    }
+
+    /// Appends one record to a new logfile of history (`generation`,
+    /// `origin`) that continues the log.
+    fn new_file(store: &LogStore, generation: u64, origin: &str) -> Appender {
+        let (start_pos, first_seq) = store.end().unwrap_or((0, 1));
+        let file_seq = store.files().last().map_or(1, |f| f.file_seq + 1);
+        let header = FileHeader {
+            file_seq,
+            start_pos,
+            first_seq,
+            generation,
+        };
+        let mut app = store.create_file(origin, header).unwrap();
+        let r = record(first_seq, 100);
+        let mut buf = Vec::new();
+        encode_record(&r.header, &r.payload, &mut buf);
+        app.append(&buf, 1).unwrap();
+        app.sync().unwrap();
+        store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+        app
+    }
+
+    fn epochs(l: &Lineage) -> Vec<(u64, &str, u64)> {
+        l.epochs()
+            .iter()
+            .map(|e| (e.generation, e.origin.as_str(), e.start_pos))
+            .collect()
+    }
+
+    /// The lineage outlives the logfiles that told it, follows cuts, and
+    /// is derived from the headers where its file is missing.
+    #[test]
+    fn the_lineage_outlives_deleted_logfiles_and_follows_cuts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        new_file(&store, 1, "a");
+        new_file(&store, 1, "a");
+        let b_start = new_file(&store, 2, "b").start_pos();
+        let c_start = new_file(&store, 3, "c").start_pos();
+        assert_eq!(
+            epochs(&store.lineage()),
+            vec![(1, "a", 0), (2, "b", b_start), (3, "c", c_start)]
+        );
+        // Cut back to c's start: another history goes on from there.
+        store.truncate_to(c_start).unwrap();
+        assert_eq!(epochs(&store.lineage()).len(), 2);
+        let d_start = new_file(&store, 3, "d").start_pos();
+        assert_eq!(d_start, c_start);
+        let expect = vec![(1, "a", 0), (2, "b", b_start), (3, "d", d_start)];
+        assert_eq!(epochs(&store.lineage()), expect);
+        store.delete_before(d_start).unwrap();
+        assert_eq!(store.files().len(), 1);
+        drop(store);
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        assert_eq!(epochs(&store.lineage()), expect, "after the files went");
+
+        // A crash between a logfile's creation and the lineage update: the
+        // next open notes the header.
+        let kept = store.lineage();
+        let e_start = new_file(&store, 4, "e").start_pos();
+        kept.store(&*storage(), tmp.path()).unwrap();
+        drop(store);
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        assert_eq!(epochs(&store.lineage()).last(), Some(&(4, "e", e_start)));
+        assert_eq!(epochs(&store.lineage()).len(), 4);
     }
 
     proptest! {

@@ -372,6 +372,11 @@ pub enum Message {
         /// peers): learnt from the first record.
         #[serde(default)]
         next_seq: u64,
+        /// The histories of the primary's log up to `start_pos` (the
+        /// replica's log begins there; see `log::lineage`). Empty from
+        /// older peers.
+        #[serde(default)]
+        lineage: Vec<crate::log::Epoch>,
     },
     /// Rpc, to the primary: digests of `count` chunks of `chunk` bytes from `offset`.
     Checksums {
@@ -451,6 +456,11 @@ pub enum Message {
         /// tell whether a new primary holds the writes it acknowledged).
         #[serde(default)]
         history: Option<crate::membership::PrimaryInfo>,
+        /// The histories of the primary's log, oldest first: where it left
+        /// the history of a device's last acknowledged write. Empty from
+        /// older peers.
+        #[serde(default)]
+        lineage: Vec<crate::log::Epoch>,
     },
     /// One block request; a write's data follows.
     Io {

@@ -115,7 +115,12 @@ async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Re
         .cluster()
         .primary_of(resource)
         .filter(|p| p.node == node.name());
-    proto::write_frame(&mut s, &Message::Attached { size, history }, &[]).await?;
+    let attached = Message::Attached {
+        size,
+        history,
+        lineage: res.store().lineage().epochs().to_vec(),
+    };
+    proto::write_frame(&mut s, &attached, &[]).await?;
     tracing::info!(resource, "remote device session started");
     let log_end = move || {
         res.counters()
@@ -162,6 +167,7 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
                 size: logger.size(),
                 generation: res.meta().generation,
                 next_seq,
+                lineage: res.store().lineage().epochs().to_vec(),
             }
         }
         Message::Checksums {
