@@ -305,6 +305,10 @@ async fn ship(
     });
     tracing::info!(%resource, peer = %peer.node, pos, ?compression, rate_limit = link.as_ref().map(|l| l.rate()), "shipping log");
     let mut last_sent = Instant::now();
+    // An `Idle` is sent as soon as the peer has everything durable here:
+    // it syncs its copy then, instead of holding the last records back
+    // from its applier until the next heartbeat.
+    let mut caught_up_told = true;
     let counters = res.counters();
     loop {
         if res.meta().disconnected {
@@ -342,11 +346,13 @@ async fn ship(
                 counters.shipped_wire_bytes.fetch_add(sent, Relaxed);
                 pos += raw.bytes.len() as u64;
                 last_sent = Instant::now();
+                caught_up_told = false;
             }
             _ => {
-                if last_sent.elapsed() >= HEARTBEAT {
+                if !caught_up_told || last_sent.elapsed() >= HEARTBEAT {
                     proto::write_frame(s, &Message::Idle { flushed: limit }, &[]).await?;
                     last_sent = Instant::now();
+                    caught_up_told = true;
                 }
                 // A bounded wait: `disconnected` and the heartbeat are
                 // checked at least this often.
