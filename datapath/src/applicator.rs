@@ -87,8 +87,22 @@ impl Position {
     }
 }
 
+/// The device's size as last seen. A record must not reach past the
+/// device, and asking the kernel for each 4 KiB record doubled the system
+/// calls of writing back. The size only grows (Resize records), so a
+/// cached size that looks too small is read again before a record counts
+/// as beyond the device.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KnownSize(u64);
+
 /// Applies one record to the device. Idempotent.
-pub fn apply_record(dev: &dyn File, device: &Path, pos: u64, rec: &Record) -> Result<()> {
+pub fn apply_record(
+    dev: &dyn File,
+    device: &Path,
+    pos: u64,
+    rec: &Record,
+    size: &mut KnownSize,
+) -> Result<()> {
     let h = &rec.header;
     let io = |source| Error::Device {
         device: device.into(),
@@ -98,15 +112,17 @@ pub fn apply_record(dev: &dyn File, device: &Path, pos: u64, rec: &Record) -> Re
     };
     match h.kind {
         RecordKind::Write | RecordKind::Zero => {
-            let size = dev.size().map_err(io)?;
             let end = h.offset + h.length;
-            if end > size {
+            if end > size.0 {
+                size.0 = dev.size().map_err(io)?;
+            }
+            if end > size.0 {
                 return Err(Error::BeyondDevice {
                     device: device.into(),
                     pos,
                     seq: h.seq,
                     end,
-                    size,
+                    size: size.0,
                 });
             }
             if h.kind == RecordKind::Write {
@@ -116,9 +132,10 @@ pub fn apply_record(dev: &dyn File, device: &Path, pos: u64, rec: &Record) -> Re
             }
         }
         RecordKind::Resize => {
-            let size = dev.size().map_err(io)?;
-            if size < h.offset {
+            size.0 = dev.size().map_err(io)?;
+            if size.0 < h.offset {
                 dev.set_len(h.offset).map_err(io)?;
+                size.0 = h.offset;
             }
             Ok(())
         }
@@ -177,6 +194,7 @@ pub struct Applicator {
     position: Position,
     /// Written to the device (maybe not yet synced).
     applied: Position,
+    size: KnownSize,
 }
 
 /// One call of [`Applicator::apply_records`] writes at most this many bytes.
@@ -202,6 +220,7 @@ impl Applicator {
             },
             position: start,
             applied: start,
+            size: KnownSize::default(),
         }
     }
 
@@ -249,7 +268,7 @@ impl Applicator {
                 .into());
             }
             let p = &self.persister;
-            apply_record(&*p.device, &p.device_path, at, &rec)?;
+            apply_record(&*p.device, &p.device_path, at, &rec, &mut self.size)?;
             pos = Position {
                 pos: end,
                 next_seq: rec.header.seq + 1,
@@ -294,6 +313,63 @@ mod tests {
     use proptest::prelude::*;
 
     const DEV: u64 = 64 * 1024;
+
+    fn rec(kind: RecordKind, offset: u64, length: u64, payload: &[u8]) -> Record {
+        Record {
+            header: RecordHeader {
+                kind,
+                unsynced: 0,
+                seq: 1,
+                generation: 1,
+                offset,
+                length,
+                timestamp_ns: 0,
+                payload_len: payload.len() as u32,
+            },
+            payload: bytes::Bytes::copy_from_slice(payload),
+        }
+    }
+
+    /// The cached size never lets a record past the device, and never
+    /// refuses one the device has room for (grown by a Resize record or
+    /// behind the cache's back).
+    #[test]
+    fn a_cached_device_size_refuses_only_records_past_the_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("dev");
+        let dev = RealStorage.open(&path, OpenMode::Create).unwrap();
+        dev.set_len(8192).unwrap();
+        let mut size = KnownSize::default();
+        let write = |at: u64| rec(RecordKind::Write, at, 4096, &[7; 4096]);
+        apply_record(&*dev, &path, 0, &write(4096), &mut size).unwrap();
+        let e = apply_record(&*dev, &path, 0, &write(8192), &mut size).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::BeyondDevice {
+                    end: 12288,
+                    size: 8192,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        apply_record(
+            &*dev,
+            &path,
+            0,
+            &rec(RecordKind::Resize, 16384, 0, &[]),
+            &mut size,
+        )
+        .unwrap();
+        apply_record(&*dev, &path, 0, &write(12288), &mut size).unwrap();
+        dev.set_len(20480).unwrap();
+        apply_record(&*dev, &path, 0, &write(16384), &mut size).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 20480);
+        let mut buf = vec![0; 4096];
+        dev.read_exact_or_zero(&mut buf, 16384).unwrap();
+        assert_eq!(buf, vec![7; 4096]);
+    }
 
     #[derive(Debug, Clone)]
     enum Op {

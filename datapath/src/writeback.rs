@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::applicator::{Position, apply_record};
+use crate::applicator::{KnownSize, Position, apply_record};
 use crate::logger::{Pending, Shared};
 
 /// Persist the position at least this often while writing back.
@@ -35,6 +35,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     // Since when writeback has been waiting for the log to become durable.
     let mut waiting_since: Option<Instant> = None;
     let overlay_pressure = shared.cfg.overlay_limit / 4;
+    let mut size = KnownSize::default();
     loop {
         let batch = {
             let mut wb = shared.wb.lock().expect("wb lock");
@@ -108,7 +109,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
         // Write the batch back, then drop what was written from the overlay
         // under one lock (reads meanwhile get the same bytes from it).
         let mut applied = 0;
-        while applied < batch.len() && apply_with_retry(&shared, &batch[applied], &resource) {
+        while applied < batch.len()
+            && apply_with_retry(&shared, &batch[applied], &resource, &mut size)
+        {
             applied += 1;
         }
         if let Some(last) = batch[..applied].last() {
@@ -161,10 +164,16 @@ fn vouch_with_floor(shared: &Shared, flushed: u64, resource: &str) {
 
 /// Writing back must not skip a record: on error, retry (the overlay keeps
 /// serving reads meanwhile) and report the error in `view`.
-fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str) -> bool {
+fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str, size: &mut KnownSize) -> bool {
     let mut delay = Duration::from_millis(100);
     loop {
-        match apply_record(&*shared.backing, &shared.cfg.backing_path, p.pos, &p.record) {
+        match apply_record(
+            &*shared.backing,
+            &shared.cfg.backing_path,
+            p.pos,
+            &p.record,
+            size,
+        ) {
             Ok(()) => {
                 if !shared.device_failed.load(Ordering::Acquire) {
                     shared.wb_error.lock().expect("wb error lock").take();
