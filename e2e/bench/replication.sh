@@ -204,9 +204,12 @@ run_fio() {
 nbd_job() { # RW BS QD [EXTRA OPTIONS...]
     printf '[global]\nioengine=nbd\nuri=nbd://%s:%s/%s\nrw=%s\nbs=%s\niodepth=%s\n' \
         "$IP_A" "$NBD_PORT" "$RES" "$1" "$2" "$3"
-    printf 'size=%sm\ndirect=0\nnorandommap=1\nrandrepeat=1\n' "$VOL_MIB"
+    # New data for every write: fio otherwise sends one buffer over and
+    # over, which per-link compression shrinks to nothing on the wire (a
+    # throttled link then never binds).
+    printf 'size=%sm\ndirect=0\nnorandommap=1\nrandrepeat=1\nrefill_buffers=1\n' "$VOL_MIB"
     if [ "$COMPRESSIBLE" -gt 0 ]; then
-        printf 'refill_buffers=1\nbuffer_compress_percentage=%s\n' "$COMPRESSIBLE"
+        printf 'buffer_compress_percentage=%s\n' "$COMPRESSIBLE"
     fi
     shift 3
     printf '%s\n' "$@"
