@@ -30,6 +30,8 @@ pub struct Cluster {
     /// What this node sends compressed, and so offers in its hellos
     /// (`--ship-compression`).
     pub compression: crate::replication::proto::Compression,
+    /// How this node dials its peers (real TCP but in simulations).
+    pub net: Arc<dyn crate::net::Network>,
     storage: Arc<dyn Storage>,
     path: PathBuf,
     membership: Mutex<Membership>,
@@ -86,6 +88,7 @@ impl Cluster {
             node: node.into(),
             advertise: advertise.into(),
             compression: Default::default(),
+            net: Arc::new(crate::net::Tcp),
             storage,
             path,
             membership: Mutex::new(m),

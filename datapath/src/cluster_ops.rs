@@ -27,10 +27,12 @@ fn unix_now() -> f64 {
 const RETRY_BROKEN: Duration = Duration::from_secs(5);
 
 impl Node {
-    /// Starts the peer server on `listener`, the gossip links and the
-    /// reconcile loop. Needs a (multi-threaded) tokio runtime.
-    pub fn start_replication(self: &Arc<Self>, listener: tokio::net::TcpListener) {
-        tokio::spawn(server::serve(listener, Arc::clone(self)));
+    /// Starts the peer server on `listener` (a `tokio::net::TcpListener` in
+    /// marsd; see `crate::net`), the gossip links and the reconcile loop.
+    /// Needs a tokio runtime (marsd's is multi-threaded; the simulation
+    /// runs each node on a current-thread one).
+    pub fn start_replication(self: &Arc<Self>, listener: impl crate::net::Listener) {
+        tokio::spawn(server::serve(Box::new(listener), Arc::clone(self)));
         tokio::spawn(links::run(Arc::clone(&self.cluster)));
         // Resources that failed to load are tried again now and then.
         let node = Arc::clone(self);
@@ -74,7 +76,7 @@ impl Node {
     }
 
     /// Records a new resource created here (this node primary).
-    pub(crate) async fn announce_created(self: &Arc<Self>, name: &str, size: u64) {
+    pub async fn announce_created(self: &Arc<Self>, name: &str, size: u64) {
         let node = self.name().to_string();
         self.announce(|m| {
             m.set_config(name, Some(ResourceConfig { size }));
@@ -120,7 +122,7 @@ impl Node {
             node: self.name().into(),
             addr: self.cluster.advertise.clone(),
         };
-        let f = proto::call(addr, &hello, None, &req, &[])
+        let f = proto::call(&*self.cluster.net, addr, &hello, None, &req, &[])
             .await
             .map_err(|e| Error::Cluster(format!("joining the cluster at {addr}: {e}")))?;
         let Message::Joined { state } = f.msg else {
@@ -180,7 +182,10 @@ impl Node {
         let mut asks = tokio::task::JoinSet::new();
         for (node, addr) in self.cluster.peers() {
             let (hello, req) = (hello.clone(), Message::GetResource { name: name.into() });
-            asks.spawn(async move { proto::call(&addr, &hello, Some(&node), &req, &[]).await });
+            let net = Arc::clone(&self.cluster.net);
+            asks.spawn(
+                async move { proto::call(&*net, &addr, &hello, Some(&node), &req, &[]).await },
+            );
         }
         let asked = asks.len();
         while let Some(r) = asks.join_next().await {
@@ -548,6 +553,7 @@ impl Node {
             to: self.cfg.node.clone(),
         };
         let f = proto::call(
+            &*self.cluster.net,
             &addr,
             &self.cluster.hello(Purpose::Rpc),
             Some(old),
@@ -987,6 +993,7 @@ impl Node {
             node: self.cfg.node.clone(),
         };
         let f = proto::call(
+            &*self.cluster.net,
             addr,
             &self.cluster.hello(Purpose::Rpc),
             Some(primary),

@@ -13,6 +13,7 @@ mod held;
 pub mod log;
 pub mod logger;
 pub mod membership;
+pub mod net;
 pub mod node;
 pub mod overlay;
 pub mod quota;

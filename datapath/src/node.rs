@@ -83,6 +83,16 @@ impl Node {
     /// Takes the root's lock, checks the node's identity and loads every
     /// resource (recovery before anything is served).
     pub fn open(cfg: NodeConfig, storage: Arc<dyn Storage>) -> Result<Node, Error> {
+        Node::open_with_network(cfg, storage, Arc::new(crate::net::Tcp))
+    }
+
+    /// [`Node::open`] with peers dialled through `net` (a simulated network
+    /// in tests; see `crate::net`).
+    pub fn open_with_network(
+        cfg: NodeConfig,
+        storage: Arc<dyn Storage>,
+        net: Arc<dyn crate::net::Network>,
+    ) -> Result<Node, Error> {
         let root = cfg.root.clone();
         resource::validate_name(&cfg.node).map_err(|_| Error::BadNodeName(cfg.node.clone()))?;
         let io = |what| {
@@ -133,6 +143,7 @@ impl Node {
         let mut cluster = Cluster::open(Arc::clone(&storage), &root, &cfg.node, &cfg.advertise)
             .map_err(io("reading the cluster state"))?;
         cluster.compression = cfg.ship_compression;
+        cluster.net = net;
         let node = Node {
             cluster: Arc::new(cluster),
             quota: Arc::new(LogQuota::new(limit)),

@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::net::BoxStream;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BlockIo, IoError, libc_errno};
@@ -153,7 +153,7 @@ impl RemoteVolume {
             .addr_of(&primary.node)
             .ok_or_else(|| self.unreachable(format!("no address for {}", primary.node)))?;
         let hello = self.cluster.hello(Purpose::Rpc);
-        let (mut s, _) = proto::connect(&addr, &hello, Some(&primary.node))
+        let (mut s, _) = proto::connect(&*self.cluster.net, &addr, &hello, Some(&primary.node))
             .await
             .map_err(|e| self.unreachable(e.to_string()))?;
         let attach = Message::Attach {
@@ -296,8 +296,8 @@ impl RemoteVolume {
 
 impl Conn {
     /// Starts the reader and writer tasks of a connection.
-    fn start(s: TcpStream, history: Option<PrimaryInfo>) -> Conn {
-        let (mut rd, mut wr) = s.into_split();
+    fn start(s: BoxStream, history: Option<PrimaryInfo>) -> Conn {
+        let (mut rd, mut wr) = tokio::io::split(s);
         let (tx, mut rx) = mpsc::channel::<(Message, Bytes)>(MAX_IN_FLIGHT);
         let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
         let writer = tokio::spawn(async move {
@@ -373,11 +373,11 @@ impl BlockIo for RemoteVolume {
 /// `vol` (concurrently, at most [`MAX_IN_FLIGHT`]) and answers by id, with
 /// `log_end()` read after each completion.
 pub async fn serve<B: BlockIo>(
-    s: TcpStream,
+    s: BoxStream,
     vol: Arc<B>,
     log_end: impl Fn() -> u64 + Send + Sync + 'static,
 ) -> proto::Result<()> {
-    let (mut rd, mut wr) = s.into_split();
+    let (mut rd, mut wr) = tokio::io::split(s);
     let (tx, mut rx) = mpsc::channel::<(u64, i32, Bytes)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some((id, errno, data)) = rx.recv().await {

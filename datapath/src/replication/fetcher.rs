@@ -93,7 +93,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
     // The source sends a logfile's header with its first records, so a
     // newest file without records is dropped and fetched anew: its number
     // may belong to another file there (a new primary's first logfile).
-    let (dropped_at, mut appender) = tokio::task::block_in_place(|| {
+    let (dropped_at, mut appender) = crate::net::block_in_place(|| {
         let dropped_at = store.drop_empty_tail()?;
         Ok::<_, crate::log::Error>((dropped_at, store.resume_last()?))
     })
@@ -110,7 +110,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
         ),
     };
     let (mut conn, _) =
-        proto::connect(&addr, &cluster.hello(Purpose::Rpc), Some(&primary.node)).await?;
+        proto::connect(&*cluster.net, &addr, &cluster.hello(Purpose::Rpc), Some(&primary.node)).await?;
     let req = Message::Fetch {
         resource: res.name().into(),
         from_pos,
@@ -161,7 +161,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                         // The previous file is complete: make it durable before the next begins.
                         syncs.now(a, &store, counters).await?;
                     }
-                    let a = tokio::task::block_in_place(|| store.create_file(&origin, header))
+                    let a = crate::net::block_in_place(|| store.create_file(&origin, header))
                         .map_err(|e| FetchError::Local(e.to_string()))?;
                     counters.appended.store(a.end_pos(), Ordering::Release);
                     appender = Some(a);
@@ -189,7 +189,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                         )));
                     }
                     check_records(&data, records, a.next_seq())?;
-                    tokio::task::block_in_place(|| a.append(&data, records))
+                    crate::net::block_in_place(|| a.append(&data, records))
                         .map_err(|e| FetchError::Local(e.to_string()))?;
                     store.note_append(a.start_pos(), a.end_pos(), a.next_seq());
                     counters.appended.store(a.end_pos(), Ordering::Release);
@@ -347,7 +347,7 @@ impl CopySync {
         why: &str,
     ) -> FetchError {
         let flushed = counters.flushed.load(Ordering::Acquire);
-        let cut = tokio::task::block_in_place(|| store.truncate_to(flushed));
+        let cut = crate::net::block_in_place(|| store.truncate_to(flushed));
         counters.appended.store(flushed, Ordering::Release);
         FetchError::Local(match cut {
             Ok(_) => {

@@ -106,7 +106,7 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
             chunk: CHUNK,
             count: BATCH,
         };
-        let remote = match proto::call(&addr, &hello, node, &req, &[])
+        let remote = match proto::call(&*cluster.net, &addr, &hello, node, &req, &[])
             .await
             .map_err(|e| e.to_string())?
             .msg
@@ -118,7 +118,7 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
             let off = offset + i as u64 * CHUNK as u64;
             let len = (size - off).min(CHUNK as u64) as usize;
             let mut local = vec![0u8; len];
-            tokio::task::block_in_place(|| res.backing().read_exact_or_zero(&mut local, off))
+            crate::net::block_in_place(|| res.backing().read_exact_or_zero(&mut local, off))
                 .map_err(|e| e.to_string())?;
             if digest(&local) == *theirs {
                 continue;
@@ -128,7 +128,7 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
                 offset: off,
                 len: len as u32,
             };
-            let f = proto::call(&addr, &hello, node, &req, &[])
+            let f = proto::call(&*cluster.net, &addr, &hello, node, &req, &[])
                 .await
                 .map_err(|e| e.to_string())?;
             let Message::Chunk { encoding } = f.msg else {
@@ -143,7 +143,7 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
                     data.len()
                 ));
             }
-            tokio::task::block_in_place(|| res.backing().write_all_at(&data, off))
+            crate::net::block_in_place(|| res.backing().write_all_at(&data, off))
                 .map_err(|e| e.to_string())?;
             let c = res.counters();
             c.received_bytes.fetch_add(len as u64, Relaxed);
@@ -153,8 +153,9 @@ async fn copy(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<u64, String
         offset += BATCH as u64 * CHUNK as u64;
         *res.sync_progress.lock().expect("progress lock") = Some((offset.min(size), size, started));
     }
-    tokio::task::block_in_place(|| res.backing().sync_data()).map_err(|e| e.to_string())?;
+    crate::net::block_in_place(|| res.backing().sync_data()).map_err(|e| e.to_string())?;
     let end = match proto::call(
+        &*cluster.net,
         &addr,
         &hello,
         node,

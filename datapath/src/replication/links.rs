@@ -48,7 +48,13 @@ async fn link(cluster: Arc<Cluster>, node: String, addr: String) {
 }
 
 async fn keep_link(cluster: &Arc<Cluster>, node: &str, addr: &str) -> proto::Result<()> {
-    let (mut s, _) = proto::connect(addr, &cluster.hello(Purpose::Link), Some(node)).await?;
+    let (mut s, _) = proto::connect(
+        &*cluster.net,
+        addr,
+        &cluster.hello(Purpose::Link),
+        Some(node),
+    )
+    .await?;
     tracing::info!(peer = %node, %addr, "gossip link up");
     loop {
         let msg = Message::Gossip {
@@ -83,10 +89,11 @@ pub async fn push_to_all(cluster: &Arc<Cluster>) -> Vec<String> {
                 state: Box::new(state.clone()),
             },
         );
+        let net = Arc::clone(&cluster.net);
         tasks.spawn(async move {
             let r = tokio::time::timeout(
                 Duration::from_secs(3),
-                proto::call(&addr, &hello, Some(&node), &msg, &[]),
+                proto::call(&*net, &addr, &hello, Some(&node), &msg, &[]),
             )
             .await;
             (node, matches!(r, Ok(Ok(_))))

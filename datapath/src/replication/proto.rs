@@ -486,22 +486,19 @@ use crate::membership::ClusterState;
 /// Connects to a peer and exchanges hellos. The peer's hello is checked:
 /// same cluster (unless we join), the expected node (if known), not ourselves.
 pub async fn connect(
+    net: &dyn crate::net::Network,
     addr: &str,
     ours: &Hello,
     expect_node: Option<&str>,
-) -> Result<(tokio::net::TcpStream, Hello)> {
-    let mut s = tokio::time::timeout(
-        std::time::Duration::from_secs(3),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .map_err(|_| {
-        Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("connecting to {addr} timed out"),
-        ))
-    })??;
-    s.set_nodelay(true)?;
+) -> Result<(crate::net::BoxStream, Hello)> {
+    let mut s = tokio::time::timeout(std::time::Duration::from_secs(3), net.connect(addr))
+        .await
+        .map_err(|_| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            ))
+        })??;
     write_frame(&mut s, &Message::Hello(ours.clone()), &[]).await?;
     let f: Frame<Message> =
         tokio::time::timeout(std::time::Duration::from_secs(5), read_frame(&mut s))
@@ -559,13 +556,14 @@ pub fn check_hello(ours: &Hello, theirs: &Hello, expect_node: Option<&str>) -> R
 
 /// One request, one answer, on a fresh Rpc connection.
 pub async fn call(
+    net: &dyn crate::net::Network,
     addr: &str,
     ours: &Hello,
     expect_node: Option<&str>,
     req: &Message,
     data: &[u8],
 ) -> Result<Frame<Message>> {
-    let (mut s, _) = connect(addr, ours, expect_node).await?;
+    let (mut s, _) = connect(net, addr, ours, expect_node).await?;
     write_frame(&mut s, req, data).await?;
     let f: Frame<Message> =
         tokio::time::timeout(std::time::Duration::from_secs(30), read_frame(&mut s))

@@ -5,19 +5,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::proto::{self, Frame, Hello, Message, Purpose};
 use super::{fullsync, ratelimit};
 use crate::cluster::{HEARTBEAT, PEER_TIMEOUT};
 use crate::frontend::BlockIo;
+use crate::net::{BoxStream, Listener};
 use crate::node::Node;
 
 /// Bytes of records per LogData frame.
 const SHIP_BYTES: usize = 1 << 20;
 
-pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+pub async fn serve(mut listener: Box<dyn Listener>, node: Arc<Node>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -40,7 +40,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-async fn refuse(s: &mut TcpStream, reason: String) -> proto::Result<()> {
+async fn refuse(s: &mut BoxStream, reason: String) -> proto::Result<()> {
     proto::write_frame(
         s,
         &Message::Refused {
@@ -52,8 +52,7 @@ async fn refuse(s: &mut TcpStream, reason: String) -> proto::Result<()> {
     Err(proto::Error::Refused(reason))
 }
 
-async fn handle(mut s: TcpStream, node: Arc<Node>) -> proto::Result<()> {
-    s.set_nodelay(true)?;
+async fn handle(mut s: BoxStream, node: Arc<Node>) -> proto::Result<()> {
     let f: Frame<Message> = tokio::time::timeout(PEER_TIMEOUT, proto::read_frame(&mut s))
         .await
         .map_err(|_| proto::Error::BadFrame("no hello".into()))??;
@@ -98,7 +97,7 @@ async fn handle(mut s: TcpStream, node: Arc<Node>) -> proto::Result<()> {
 }
 
 /// A remote device session: served by this node while it is primary.
-async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Result<()> {
+async fn attach(mut s: BoxStream, node: &Arc<Node>, resource: &str) -> proto::Result<()> {
     let opened = node
         .resource(resource)
         .ok()
@@ -130,7 +129,7 @@ async fn attach(mut s: TcpStream, node: &Arc<Node>, resource: &str) -> proto::Re
     crate::frontend::remote::serve(s, Arc::new(handle), log_end).await
 }
 
-async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) -> proto::Result<()> {
+async fn rpc(s: &mut BoxStream, node: &Arc<Node>, peer: &Hello, req: Message) -> proto::Result<()> {
     let answer = match req {
         Message::Gossip { state } => {
             node.cluster().merge(&state);
@@ -206,7 +205,7 @@ async fn rpc(s: &mut TcpStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
                 Ok(data) => {
                     let link = node.ship_limits.link(&peer.node);
                     let mut enc = proto::Encoder::new(node.cluster().compression.towards(peer))?;
-                    let (encoding, wire) = tokio::task::block_in_place(|| enc.encode(&data));
+                    let (encoding, wire) = crate::net::block_in_place(|| enc.encode(&data));
                     let msg = Message::Chunk { encoding };
                     ratelimit::take(link.as_deref(), wire.len() as u64).await;
                     let sent = proto::write_frame_len(s, &msg, &wire).await?;
@@ -253,7 +252,7 @@ pub const LOG_GONE: &str = "a full sync is needed";
 /// Streams logfiles from `from_pos` on, up to what is durable here, and
 /// keeps streaming as the log grows. Only whole, checked records travel.
 async fn ship(
-    s: &mut TcpStream,
+    s: &mut BoxStream,
     node: &Arc<Node>,
     peer: &Hello,
     resource: &str,
@@ -320,7 +319,7 @@ async fn ship(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let limit = counters.flushed.load(std::sync::atomic::Ordering::Acquire);
-        let raw = tokio::task::block_in_place(|| store.read_records(pos, limit, frame_bytes))
+        let raw = crate::net::block_in_place(|| store.read_records(pos, limit, frame_bytes))
             .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
         match raw {
             Some(raw) if raw.records > 0 => {
@@ -332,7 +331,7 @@ async fn ship(
                     proto::write_frame(s, &msg, &raw.file.header.encode()).await?;
                     client_file = Some(raw.file.file_seq);
                 }
-                let (encoding, wire) = tokio::task::block_in_place(|| enc.encode(&raw.bytes));
+                let (encoding, wire) = crate::net::block_in_place(|| enc.encode(&raw.bytes));
                 let msg = Message::LogData {
                     pos,
                     records: raw.records,
