@@ -8,25 +8,42 @@
 //! Node a creates a 1 MiB resource, b and c join it. A writer on the
 //! primary writes self-describing 4 KiB blocks (`support/tagged_block.rs`),
 //! one at a time, some with FUA, with FLUSHes in between. Meanwhile faults
-//! drawn from the seed come and go: link loss phases (turmoil's per-message
-//! fail rate, up to 30 %; a lost segment stalls a simulated TCP connection,
-//! so this exercises the peer timeouts and reconnects), symmetric and
-//! one-way partitions, disk faults on a secondary (EIO on reads, writes and
-//! syncs, silent bit flips on reads, up to 10 % of its I/Os), power loss of
-//! a host (its disk replaced by a crash image, dropping or tearing every
-//! unsynced write, and the node opened again on it) and planned handovers.
+//! drawn from the seed come and go, one phase at a time:
+//! - link loss (turmoil's per-message fail rate, 1 to 30 %; turmoil drops
+//!   a TCP segment rather than retransmitting it, so a loss stalls the
+//!   connection: this exercises the peer timeouts and reconnects);
+//! - symmetric and one-way partitions;
+//! - disk faults on one host, up to 10 % of its I/Os each: EIO on reads,
+//!   writes and syncs, and silent bit flips on reads (the log's checksums
+//!   must catch those: a flipped record applied anywhere would show as a
+//!   bad block). A node left refusing I/O after a failed fdatasync ("restart
+//!   marsd to recover") is restarted, as an operator would;
+//! - power loss of a host: its disk becomes a crash image that drops or
+//!   tears every unsynced write, and the node is opened again on it;
+//! - planned handover (`primary` on a secondary);
+//! - forced failover: the primary is cut off and keeps writing (its
+//!   divergent tail) while a secondary is forced primary; when the network
+//!   heals the deposed primary must report split brain, and every
+//!   split-brained replica is invalidated (full sync).
 //!
 //! # What is checked
 //!
 //! - Every secondary image sampled during the run is the primary's state
-//!   after some prefix of its write history (nothing torn, foreign, out of
-//!   order, or missing before the newest write it shows), unless that
-//!   secondary lost power since the last convergence (its replay from the
-//!   persisted applied position re-applies older records, which the
-//!   device never exposes as a secondary).
-//! - After a handover and after a power loss of the primary, the primary's
-//!   device holds every write completed before a completed FLUSH (or a
-//!   completed FUA write), and is a prefix state.
+//!   after some prefix of its write history: nothing torn, corrupt,
+//!   foreign, out of order, from a divergent tail, or missing before the
+//!   newest write it shows. Not sampled: replicas in full sync
+//!   (Inconsistent) or in split brain (they claim no such state), and a
+//!   host that lost power or restarted since (its replay from the persisted
+//!   applied position re-applies older records, which a secondary's device
+//!   never exposes).
+//! - After a handover and after a restart of the primary, its device holds
+//!   every write completed before a completed FLUSH or FUA write, and is a
+//!   prefix state (after a process restart: every acknowledged write).
+//!   After a power loss, acknowledged writes no FLUSH covered may be lost;
+//!   they must never appear again.
+//! - After a forced failover, the new primary shows a prefix of the
+//!   history, no write of the deposed primary's tail appears on it (or on a
+//!   replica later sampled), and split brain is reported.
 //! - When the faults stop, the three replicas converge to identical bytes,
 //!   equal to the primary's device, which shows the last acknowledged write.
 //!
@@ -36,10 +53,12 @@
 //! the workload, the fault schedule, turmoil's network randomness and the
 //! simulated disks. It does not fix everything: the logger, writeback and
 //! applier of each node run on real threads, whose interleaving with the
-//! simulation is up to the OS. Simulated time is therefore paced to run no
-//! faster than wall time (see `Cluster::step`), so that the nodes' timeouts
-//! see those threads work at their real speed. `MARS_SIM_SECS` sets the
-//! length of the fault phase (default 20 simulated seconds).
+//! simulation is up to the OS, so a seed replays the same schedule but not
+//! always the same outcome. Simulated time is paced to run no faster than
+//! wall time (see `Cluster::step`), so that the nodes' timeouts (peer
+//! timeout 5 s, heartbeat 1 s) see those threads work at their real speed;
+//! a run takes as long in wall time as it simulates. `MARS_SIM_SECS` sets
+//! the length of the fault phase (default 20 simulated seconds).
 
 #[path = "support/tagged_block.rs"]
 #[allow(dead_code)]
@@ -58,7 +77,7 @@ use bytes::Bytes;
 use datapath::frontend::BlockIo;
 use datapath::net::{BoxFuture, BoxStream, Listener, Network};
 use datapath::node::{Node, NodeConfig};
-use datapath::storage::sim::{CrashMode, Faults, SimStorage};
+use datapath::storage::sim::{CrashMode, Faults, Injected, SimStorage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tagged_block::{BLOCK, Shown, content, decode};
@@ -68,6 +87,8 @@ const PORT: u16 = 7000;
 const RES: &str = "r1";
 const BLOCKS: u64 = 256;
 const SIZE: u64 = BLOCKS * BLOCK as u64;
+/// How often the secondaries' images are checked (simulated time).
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 fn seed() -> u64 {
     std::env::var("MARS_SEED")
@@ -182,6 +203,35 @@ impl Host {
     }
 }
 
+/// Whether `h`'s replica is a secondary that claims a consistent state
+/// (not in full sync, not split-brained).
+fn consistent(h: &Host) -> bool {
+    let Some(node) = h.node.lock().unwrap().clone() else {
+        return false;
+    };
+    node.view(RES).is_ok_and(|v| {
+        v.resources.first().is_some_and(|r| {
+            // A deposed primary that has not yet learnt of the new one
+            // still thinks itself primary, and a split-brained replica
+            // holds a deposed history: neither is a secondary's state.
+            r.role == "secondary"
+                && (r.disk_state == "UpToDate" || r.disk_state == "Outdated")
+                && !r.split_brain
+        })
+    })
+}
+
+/// The highest write id an image shows (0: none).
+fn newest_write(img: &[u8]) -> u64 {
+    (0..BLOCKS)
+        .filter_map(|b| match decode(&img[b as usize * BLOCK..][..BLOCK], b) {
+            Shown::Write(id) => Some(id),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 // ---- the oracle ----
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -206,12 +256,25 @@ struct Oracle {
 }
 
 impl Oracle {
-    fn issue(&mut self, block: u64) -> (usize, u64) {
+    fn issue(&mut self, block: u64) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
         self.index.insert(id, self.writes.len());
         self.writes.push((id, block, State::Issued));
-        (self.writes.len() - 1, id)
+        id
+    }
+
+    /// A forced failover: the history goes on from its first `k` writes;
+    /// the rest is the deposed primary's divergent tail. Returns whether
+    /// that tail holds an acknowledged write.
+    fn fork(&mut self, k: usize) -> bool {
+        let tail = self.writes.split_off(k);
+        for (id, _, _) in &tail {
+            self.index.remove(id);
+            self.dropped.insert(*id);
+        }
+        self.durable = self.durable.min(k);
+        tail.iter().any(|w| w.2 == State::Acked)
     }
 
     /// Checks that `img` is the state after a prefix of the history; the
@@ -279,19 +342,29 @@ async fn writer(node: Arc<Node>, oracle: Arc<Mutex<Oracle>>, stop: Arc<AtomicBoo
     while !stop.load(Ordering::Acquire) {
         let block = rng.random_range(0..BLOCKS);
         let fua = rng.random_bool(0.05);
-        let (i, id) = oracle.lock().unwrap().issue(block);
+        let id = {
+            // Checked under the lock: a stopped writer adds nothing.
+            let mut o = oracle.lock().unwrap();
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            o.issue(block)
+        };
         let r = h
             .write(block * BLOCK as u64, Bytes::from(content(id, block)), fua)
             .await;
         {
+            // A completion seen after `stop` (set under this lock before a
+            // crash image is taken) may postdate the image: it counts as
+            // failed (maybe logged, maybe not).
             let mut o = oracle.lock().unwrap();
-            o.writes[i].2 = if r.is_ok() {
-                State::Acked
-            } else {
-                State::Failed
-            };
-            if r.is_ok() && fua {
-                o.durable = o.durable.max(i + 1);
+            let ok = r.is_ok() && !stop.load(Ordering::Acquire);
+            // (Gone if a forced failover dropped it from the history.)
+            if let Some(&i) = o.index.get(&id) {
+                o.writes[i].2 = if ok { State::Acked } else { State::Failed };
+                if ok && fua {
+                    o.durable = o.durable.max(i + 1);
+                }
             }
         }
         if r.is_err() {
@@ -302,7 +375,9 @@ async fn writer(node: Arc<Node>, oracle: Arc<Mutex<Oracle>>, stop: Arc<AtomicBoo
             let n = oracle.lock().unwrap().writes.len();
             if h.flush().await.is_ok() {
                 let mut o = oracle.lock().unwrap();
-                o.durable = o.durable.max(n);
+                if !stop.load(Ordering::Acquire) {
+                    o.durable = o.durable.max(n);
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..15))).await;
@@ -317,11 +392,16 @@ struct Stats {
     partitions: u32,
     oneway_partitions: u32,
     disk_fault_phases: u32,
-    /// I/Os of secondaries' disks while faults were armed.
-    faulty_disk_ops: u64,
+    /// Faults the disks injected, summed over hosts and power losses.
+    disk: Injected,
     crashes_torn: u32,
     crashes_drop: u32,
+    /// Process restarts after disk faults (the operator's remedy).
+    restarts: u32,
     handovers: u32,
+    forced_failovers: u32,
+    /// Replicas invalidated after a split brain.
+    invalidations: u32,
     samples: u32,
 }
 
@@ -332,9 +412,12 @@ struct Cluster<'a> {
     oracle: Arc<Mutex<Oracle>>,
     primary: usize,
     writer_stop: Arc<AtomicBool>,
-    /// Hosts that lost power since the last convergence (not sampled).
-    replaying: HashSet<usize>,
+    /// Hosts restarted (power loss or process), with the last write id
+    /// issued before: not sampled until they show a later write, i.e. until
+    /// their replay passed everything they might have applied before.
+    replaying: HashMap<usize, u64>,
     down: HashSet<usize>,
+    next_sample: Duration,
     rng: StdRng,
     stats: Stats,
 }
@@ -376,8 +459,9 @@ impl Cluster<'_> {
             oracle: Default::default(),
             primary: 0,
             writer_stop: Arc::new(AtomicBool::new(true)),
-            replaying: HashSet::new(),
+            replaying: HashMap::new(),
             down: HashSet::new(),
+            next_sample: Duration::ZERO,
             rng: StdRng::seed_from_u64(seed),
             stats: Stats::default(),
         }
@@ -397,7 +481,11 @@ impl Cluster<'_> {
         let until = self.sim.elapsed() + d;
         while self.sim.elapsed() < until {
             self.step();
-            if self.rng.random_bool(0.005) {
+            // By simulated time, not by a draw from the seed's generator:
+            // how many steps a call takes depends on the nodes' threads,
+            // and the fault schedule must not.
+            if self.sim.elapsed() >= self.next_sample {
+                self.next_sample = self.sim.elapsed() + SAMPLE_EVERY;
                 self.sample();
             }
         }
@@ -448,11 +536,12 @@ impl Cluster<'_> {
     /// The device of the primary, read through its logger.
     fn primary_device(&mut self) -> Vec<u8> {
         self.call(self.primary, "reading the device", |n| async move {
-            let h = n
+            let res = n
                 .resource(RES)
-                .ok()
-                .and_then(|r| r.open())
-                .expect("the primary opens its device");
+                .unwrap_or_else(|e| panic!("{}: {e}", n.name()));
+            let Some(h) = res.open() else {
+                panic!("{} is no primary: {:?}", n.name(), n.view(RES));
+            };
             let mut all = Vec::new();
             for b in 0..BLOCKS {
                 let d = h.read(b * BLOCK as u64, BLOCK as u32).await.expect("read");
@@ -482,10 +571,23 @@ impl Cluster<'_> {
     /// Checks the secondaries' backing images that can be sampled now.
     fn sample(&mut self) {
         for (i, h) in self.hosts.iter().enumerate() {
-            if i == self.primary || self.replaying.contains(&i) || self.down.contains(&i) {
+            if i == self.primary || self.down.contains(&i) {
+                continue;
+            }
+            // A replica in full sync (Inconsistent) claims no prefix state.
+            if !consistent(h) {
                 continue;
             }
             let img = h.image();
+            if !consistent(h) {
+                continue;
+            }
+            if let Some(&last) = self.replaying.get(&i) {
+                if newest_write(&img) <= last {
+                    continue;
+                }
+                self.replaying.remove(&i);
+            }
             self.stats.samples += 1;
             if let Err(e) = self.oracle.lock().unwrap().prefix_of(&img) {
                 panic!("secondary {} is not a prefix state: {e}", h.name);
@@ -493,11 +595,12 @@ impl Cluster<'_> {
         }
     }
 
-    fn check_primary_durable(&mut self, after: &str) {
+    /// Checks that the primary's device holds every flushed write (and is
+    /// a prefix state); returns how many writes it shows.
+    fn check_primary_durable(&mut self, after: &str) -> usize {
         let dev = self.primary_device();
-        if let Err(e) = self.oracle.lock().unwrap().durable_prefix_of(&dev) {
-            panic!("after {after}, primary {}: {e}", NAMES[self.primary]);
-        }
+        let k = self.oracle.lock().unwrap().durable_prefix_of(&dev);
+        k.unwrap_or_else(|e| panic!("after {after}, primary {}: {e}", NAMES[self.primary]))
     }
 
     fn wait_up_to_date(&mut self, what: &str) {
@@ -537,33 +640,112 @@ impl Cluster<'_> {
         }
     }
 
-    fn power_loss(&mut self, h: usize) {
-        let mode = if self.rng.random_bool(0.5) {
-            self.stats.crashes_torn += 1;
-            CrashMode::Torn
-        } else {
-            self.stats.crashes_drop += 1;
-            CrashMode::DropUnsynced
-        };
-        let host = Rc::clone(&self.hosts[h]);
-        let image = host.disk.lock().unwrap().crash(mode);
-        self.sim.crash(host.name);
-        host.cmds.lock().unwrap().take();
-        if let Some(old) = host.node.lock().unwrap().take() {
-            // Its threads work on the old disk; stop them in the background.
-            std::thread::spawn(move || old.shutdown(Instant::now()));
-        }
-        *host.disk.lock().unwrap() = image;
-        self.down.insert(h);
-        self.replaying.insert(h);
+    /// Prints what the run does, for a failure's output.
+    fn event(&self, what: String) {
+        let o = self.oracle.lock().unwrap();
+        eprintln!(
+            "[{:8.3} s] {what} (writes issued {}, flushed {})",
+            self.sim.elapsed().as_secs_f64(),
+            o.writes.len(),
+            o.durable
+        );
     }
 
-    fn restart(&mut self, h: usize) {
+    /// Stops host `h`: its tasks die with its runtime and its node's
+    /// threads are stopped. With `Some(mode)` the power goes: its disk is
+    /// replaced by a crash image. With `None` only the process goes (an
+    /// operator's restart of marsd): the disk keeps what it holds.
+    fn stop_host(&mut self, h: usize, crash: Option<CrashMode>) {
+        let host = Rc::clone(&self.hosts[h]);
+        let image = {
+            let _o = self.oracle.lock().unwrap();
+            if h == self.primary {
+                self.writer_stop.store(true, Ordering::Release);
+            }
+            crash.map(|mode| host.disk.lock().unwrap().crash(mode))
+        };
+        // The old node's threads are stopped while its runtime still runs
+        // (as marsd stops), cut off from its peers so that nothing it does
+        // after the crash image reaches them.
+        for o in NAMES {
+            if o != host.name {
+                self.sim.partition(host.name, o);
+            }
+        }
+        if let Some(old) = host.node.lock().unwrap().take() {
+            let t = std::thread::spawn(move || old.shutdown(Instant::now()));
+            let deadline = self.sim.elapsed() + Duration::from_secs(30);
+            while !t.is_finished() {
+                assert!(
+                    self.sim.elapsed() < deadline,
+                    "the shutdown of {} hangs",
+                    host.name
+                );
+                self.step();
+            }
+        }
+        self.sim.crash(host.name);
+        host.cmds.lock().unwrap().take();
+        self.heal_network();
+        if let Some(image) = image {
+            self.count_disk_faults(h);
+            *host.disk.lock().unwrap() = image;
+        }
+        self.down.insert(h);
+        let last = self.oracle.lock().unwrap().next_id;
+        self.replaying.insert(h, last);
+    }
+
+    /// Starts host `h` again; the primary's device must then hold every
+    /// flushed write, and its writer goes on.
+    ///
+    /// After a power loss, acknowledged writes that no FLUSH covered may be
+    /// gone: the log goes on after the writes the device shows, and the
+    /// lost ones must never appear again. After a process restart nothing
+    /// acknowledged may be missing.
+    fn start_host(&mut self, h: usize, after: &str, power_loss: bool) {
         self.sim.bounce(self.hosts[h].name);
         self.down.remove(&h);
+        if h == self.primary {
+            let k = self.check_primary_durable(after);
+            let mut o = self.oracle.lock().unwrap();
+            if power_loss {
+                o.fork(k);
+            } else {
+                let acked = o.last_acked();
+                assert!(
+                    k >= acked,
+                    "after {after}, primary {} shows {k} writes of {acked} acknowledged",
+                    NAMES[h]
+                );
+            }
+            drop(o);
+            self.start_writer();
+        }
+    }
+
+    /// Whether host `h`'s node needs a restart after disk faults: its log
+    /// refuses flushes after a failed fdatasync, or its resource reports an
+    /// error.
+    fn needs_restart(&mut self, h: usize) -> Option<String> {
+        let primary = h == self.primary;
+        self.call(h, "probe", move |n| async move {
+            let res = n.resource(RES).ok()?;
+            if primary {
+                let vol = res.open()?;
+                if let Err(e) = vol.flush().await {
+                    return Some(e.to_string());
+                }
+                if let Err(e) = vol.read(0, BLOCK as u32).await {
+                    return Some(e.to_string());
+                }
+            }
+            n.view(RES).ok()?.resources.first()?.error.clone()
+        })
     }
 
     fn handover(&mut self, to: usize) {
+        self.event(format!("handover to {}", NAMES[to]));
         let r = self.call(to, "primary", |n| async move { n.make_primary(RES).await });
         match r {
             Ok(_) => {
@@ -574,7 +756,95 @@ impl Cluster<'_> {
                 self.start_writer();
             }
             // Refused (peer unreachable, not caught up): fine, try later.
-            Err(e) => eprintln!("handover to {} refused: {e}", NAMES[to]),
+            Err(e) => self.event(format!("handover to {} refused: {e}", NAMES[to])),
+        }
+    }
+
+    /// The primary is cut off, `to` is made primary by force while the
+    /// old one goes on writing (its divergent tail); when the network
+    /// heals, the deposed primary must report split brain, and every
+    /// split-brained replica is invalidated (full sync from the new one).
+    fn forced_failover(&mut self, to: usize) {
+        let old = self.primary;
+        self.event(format!(
+            "forced failover: {} cut off, {} forced primary",
+            NAMES[old], NAMES[to]
+        ));
+        for o in NAMES {
+            if o != NAMES[old] {
+                self.sim.partition(NAMES[old], o);
+            }
+        }
+        let tail = Duration::from_millis(self.rng.random_range(200..2000));
+        self.run_for(tail);
+        let r = self.call(to, "primary --force", |n| async move {
+            n.force_primary(RES).await
+        });
+        if let Err(e) = r {
+            self.event(format!("forcing {} refused: {e}", NAMES[to]));
+            self.heal_network();
+            return;
+        }
+        self.stats.forced_failovers += 1;
+        {
+            let _o = self.oracle.lock().unwrap();
+            self.writer_stop.store(true, Ordering::Release);
+        }
+        self.run_for(Duration::from_millis(200));
+        self.primary = to;
+        // The new primary shows a prefix of the history: its new history
+        // goes on from there.
+        let dev = self.primary_device();
+        let diverged = {
+            let mut o = self.oracle.lock().unwrap();
+            let k = o.prefix_of(&dev).unwrap_or_else(|e| {
+                panic!("forced primary {}: not a prefix state: {e}", NAMES[to])
+            });
+            o.fork(k)
+        };
+        self.start_writer();
+        self.run_for(Duration::from_millis(500));
+        self.heal_network();
+        // The deposed primary learns of the new generation.
+        let deadline = self.sim.elapsed() + Duration::from_secs(30);
+        loop {
+            let v = self.call(old, "view", |n| async move { n.view(RES) });
+            let r = v.ok().and_then(|v| v.resources.first().cloned());
+            if let Some(r) = r
+                && r.role != "primary"
+                && (r.split_brain || !diverged)
+            {
+                break;
+            }
+            assert!(
+                self.sim.elapsed() < deadline,
+                "deposed primary {} does not report split brain 30 s after the network healed",
+                NAMES[old]
+            );
+            self.run_for(Duration::from_millis(200));
+        }
+        self.resolve_split_brains();
+    }
+
+    /// Invalidates every replica that reports split brain.
+    fn resolve_split_brains(&mut self) {
+        for (h, name) in NAMES.iter().enumerate() {
+            if h == self.primary || self.down.contains(&h) {
+                continue;
+            }
+            let split = self.call(h, "view", |n| async move {
+                n.view(RES)
+                    .ok()
+                    .and_then(|v| v.resources.first().map(|r| r.split_brain))
+            });
+            if split == Some(true) {
+                self.event(format!("invalidating split-brained {name}"));
+                self.stats.invalidations += 1;
+                let r = self.call(h, "invalidate", |n| async move { n.invalidate(RES).await });
+                if let Err(e) = r {
+                    panic!("invalidate on {name}: {e}");
+                }
+            }
         }
     }
 
@@ -587,6 +857,16 @@ impl Cluster<'_> {
                 }
             }
         }
+    }
+
+    /// Adds the faults of host `h`'s disk to the stats (before a crash
+    /// image replaces it, and at the end).
+    fn count_disk_faults(&mut self, h: usize) {
+        let i = self.hosts[h].disk.lock().unwrap().injected();
+        self.stats.disk.read_eio += i.read_eio;
+        self.stats.disk.read_bitflip += i.read_bitflip;
+        self.stats.disk.write_eio += i.write_eio;
+        self.stats.disk.sync_eio += i.sync_eio;
     }
 
     fn clear_disk_faults(&mut self) {
@@ -640,10 +920,14 @@ fn run(seed: u64) {
             [x, (x + c.rng.random_range(1..3)) % 3]
         };
         let phase = Duration::from_millis(c.rng.random_range(500..3000));
-        match c.rng.random_range(0..10) {
+        match c.rng.random_range(0..11) {
             0..=2 => {
                 c.stats.loss_phases += 1;
                 let rate = c.rng.random_range(0.01..0.3);
+                c.event(format!(
+                    "loss {rate:.3} between {} and {}",
+                    NAMES[x], NAMES[y]
+                ));
                 c.sim.set_link_fail_rate(NAMES[x], NAMES[y], rate);
                 c.run_for(phase);
                 c.heal_network();
@@ -651,17 +935,19 @@ fn run(seed: u64) {
             3 | 4 => {
                 if c.rng.random_bool(0.5) {
                     c.stats.partitions += 1;
+                    c.event(format!("partition {} | {}", NAMES[x], NAMES[y]));
                     c.sim.partition(NAMES[x], NAMES[y]);
                 } else {
                     c.stats.oneway_partitions += 1;
+                    c.event(format!("partition {} -> {}", NAMES[x], NAMES[y]));
                     c.sim.partition_oneway(NAMES[x], NAMES[y]);
                 }
                 c.run_for(phase);
                 c.heal_network();
             }
             5 | 6 => {
-                // Disk faults on a secondary.
-                let h = if x == c.primary { y } else { x };
+                // Disk faults on any host.
+                let h = x;
                 c.stats.disk_fault_phases += 1;
                 let p = c.rng.random_range(0.01..0.1);
                 let faults = Faults {
@@ -670,30 +956,40 @@ fn run(seed: u64) {
                     write_eio: p,
                     sync_eio: p,
                 };
-                let before = c.hosts[h].disk.lock().unwrap().ops();
+                c.event(format!("disk faults p={p:.3} on {}", NAMES[h]));
                 c.hosts[h].disk.lock().unwrap().set_faults(faults);
                 c.run_for(phase);
                 c.clear_disk_faults();
-                let ops = c.hosts[h].disk.lock().unwrap().ops() - before;
-                c.stats.faulty_disk_ops += ops;
+                if let Some(why) = c.needs_restart(h) {
+                    c.stats.restarts += 1;
+                    c.event(format!("restarting {}: {why}", NAMES[h]));
+                    c.stop_host(h, None);
+                    c.run_for(Duration::from_millis(100));
+                    c.start_host(h, "a restart after disk faults", false);
+                }
             }
             7 | 8 => {
-                // Power loss of a host, back after the phase.
-                let primary = x == c.primary;
-                if primary {
-                    c.writer_stop.store(true, Ordering::Release);
-                }
-                c.power_loss(x);
+                let mode = if c.rng.random_bool(0.5) {
+                    c.stats.crashes_torn += 1;
+                    CrashMode::Torn
+                } else {
+                    c.stats.crashes_drop += 1;
+                    CrashMode::DropUnsynced
+                };
+                c.event(format!("power loss ({mode:?}) of {}", NAMES[x]));
+                c.stop_host(x, Some(mode));
                 c.run_for(phase);
-                c.restart(x);
-                if primary {
-                    c.check_primary_durable("a power loss of the primary");
-                    c.start_writer();
+                c.event(format!("power back on {}", NAMES[x]));
+                c.start_host(x, "a power loss", true);
+            }
+            9 => {
+                if !c.down.contains(&x) && x != c.primary {
+                    c.handover(x);
                 }
             }
             _ => {
                 if !c.down.contains(&x) && x != c.primary {
-                    c.handover(x);
+                    c.forced_failover(x);
                 }
             }
         }
@@ -706,6 +1002,9 @@ fn run(seed: u64) {
     c.clear_disk_faults();
     c.stop_writer();
     c.wait_up_to_date("after the faults stopped");
+    for h in 0..c.hosts.len() {
+        c.count_disk_faults(h);
+    }
     let o = c.oracle.lock().unwrap();
     let acked = o.writes.iter().filter(|w| w.2 == State::Acked).count();
     eprintln!(

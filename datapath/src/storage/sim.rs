@@ -59,6 +59,15 @@ pub struct Faults {
     pub sync_eio: f64,
 }
 
+/// How many faults of each kind a disk has injected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Injected {
+    pub read_eio: u64,
+    pub read_bitflip: u64,
+    pub write_eio: u64,
+    pub sync_eio: u64,
+}
+
 /// An unsynced change to a file, replayed or dropped at a crash.
 #[derive(Debug, Clone)]
 enum Change {
@@ -101,6 +110,7 @@ struct Disk {
     next_ino: u64,
     rng: StdRng,
     faults: Faults,
+    injected: Injected,
     /// Mutating operations so far (writes, zeroings, resizes, syncs and
     /// name changes): the crash points a test can count.
     ops: u64,
@@ -171,6 +181,15 @@ impl Disk {
 
     fn roll(&mut self, p: f64) -> bool {
         p > 0.0 && self.rng.random::<f64>() < p
+    }
+
+    /// Rolls for a fault of probability `p`, counting it if it happens.
+    fn inject(&mut self, p: f64, kind: fn(&mut Injected) -> &mut u64) -> bool {
+        let hit = self.roll(p);
+        if hit {
+            *kind(&mut self.injected) += 1;
+        }
+        hit
     }
 
     fn used(&self) -> u64 {
@@ -268,6 +287,7 @@ impl Disk {
             next_ino: self.next_ino,
             rng: StdRng::seed_from_u64(self.rng.random()),
             faults: Faults::default(),
+            injected: Injected::default(),
             ops: 0,
             capacity: self.capacity,
             power_off_at: None,
@@ -288,6 +308,7 @@ impl SimStorage {
                 next_ino: 1,
                 rng: StdRng::seed_from_u64(seed),
                 faults: Faults::default(),
+                injected: Injected::default(),
                 ops: 0,
                 capacity: None,
                 power_off_at: None,
@@ -324,6 +345,11 @@ impl SimStorage {
     /// Mutating operations so far.
     pub fn ops(&self) -> u64 {
         self.disk().ops
+    }
+
+    /// The faults injected so far (a crash image starts from zero).
+    pub fn injected(&self) -> Injected {
+        self.disk().injected
     }
 
     /// The disk as a machine would find it after a power loss now. The
@@ -384,14 +410,14 @@ impl File for SimFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let faults = d.faults;
-        if d.roll(faults.read_eio) {
+        if d.inject(faults.read_eio, |i| &mut i.read_eio) {
             return Err(eio("read"));
         }
         let data = &d.inodes[&self.ino].live;
         let start = (offset as usize).min(data.len());
         let n = buf.len().min(data.len() - start);
         buf[..n].copy_from_slice(&data[start..start + n]);
-        if n > 0 && d.roll(faults.read_bitflip) {
+        if n > 0 && d.inject(faults.read_bitflip, |i| &mut i.read_bitflip) {
             let at = d.rng.random_range(0..n);
             let bit = d.rng.random_range(0..8);
             buf[at] ^= 1 << bit;
@@ -402,7 +428,7 @@ impl File for SimFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let faults = d.faults;
-        if d.roll(faults.write_eio) {
+        if d.inject(faults.write_eio, |i| &mut i.write_eio) {
             return Err(eio("write"));
         }
         let len = d.inodes[&self.ino].live.len() as u64;
@@ -421,7 +447,7 @@ impl File for SimFile {
     fn sync_data(&self) -> io::Result<()> {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let faults = d.faults;
-        if d.roll(faults.sync_eio) {
+        if d.inject(faults.sync_eio, |i| &mut i.sync_eio) {
             // As Linux does after a failed writeback, the pages count as
             // clean: each unsynced change reached the disk or is lost for
             // good, although reads still return it (a later sync that
@@ -465,7 +491,7 @@ impl File for SimFile {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let faults = d.faults;
-        if d.roll(faults.write_eio) {
+        if d.inject(faults.write_eio, |i| &mut i.write_eio) {
             return Err(eio("write"));
         }
         d.tick()?;
@@ -611,7 +637,7 @@ impl Storage for SimStorage {
             return Err(not_found(&dir));
         }
         let faults = d.faults;
-        if d.roll(faults.sync_eio) {
+        if d.inject(faults.sync_eio, |i| &mut i.sync_eio) {
             return Err(eio("directory sync"));
         }
         d.tick()?;
@@ -824,6 +850,14 @@ mod tests {
         let mut buf = [0u8; 4];
         f.read_at(&mut buf, 0).unwrap();
         assert_ne!(&buf, b"data");
+        assert_eq!(
+            s.injected(),
+            Injected {
+                sync_eio: 1,
+                read_bitflip: 1,
+                ..Injected::default()
+            }
+        );
     }
 
     #[test]
