@@ -177,9 +177,13 @@ fn persist_loop(
                 tracing::error!(resource = %name, pos = pos.pos, error = %e, "persisting the applied position failed; retrying");
                 *res.repl_error.lock().expect("error lock") = Some(format!("apply: {e}"));
                 std::thread::sleep(Duration::from_secs(1));
-                // Retry unless a newer position arrived meanwhile.
+                // Retry unless a newer position arrived meanwhile, or the
+                // applier stopped: a failed device sync fails every persist
+                // until a restart, and a retry after the stop would keep
+                // the applier's join (and a shutdown) waiting for ever. The
+                // log keeps what was not persisted; the restart replays it.
                 let mut st = handoff.state.lock().expect("handoff lock");
-                if st.pending.is_none() {
+                if st.pending.is_none() && !st.stop {
                     st.pending = Some(pos);
                 }
             }
@@ -327,4 +331,78 @@ pub(crate) fn logged_at(res: &Resource, pos: u64) -> Option<f64> {
 pub(crate) fn lag_seconds(res: &Resource, applied: u64, as_of: f64, now: f64) -> f64 {
     let since = logged_at(res, applied).unwrap_or(as_of);
     (now - since).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::LogQuota;
+    use crate::resource::{JoinPoint, Settings};
+    use crate::storage::sim::{Faults, SimStorage};
+    use std::path::Path;
+
+    /// Found by `tests/sim_cluster.rs` (seed 23): once a sync of the device
+    /// failed, every persist fails until a restart, and the persister put
+    /// the position back for a retry even after the applier had stopped
+    /// it, so the applier's join, and with it marsd's shutdown (the restart
+    /// the error asks for), hung for ever.
+    #[test]
+    fn a_stopped_persister_ends_even_if_the_device_cannot_sync() {
+        let disk = SimStorage::new(7);
+        for d in ["/state", "/disk"] {
+            disk.mkdir_durable(Path::new(d));
+        }
+        let storage: Arc<dyn crate::storage::Storage> = Arc::new(disk.clone());
+        let settings = Settings {
+            node: "b".into(),
+            logfile_size: 1 << 20,
+            overlay_limit: 1 << 20,
+        };
+        let join = JoinPoint {
+            start_pos: 0,
+            next_seq: 1,
+            generation: 1,
+        };
+        let res = Resource::create(
+            Arc::clone(&storage),
+            Path::new("/state"),
+            settings,
+            Arc::new(LogQuota::new(1 << 30)),
+            "r",
+            Path::new("/disk/r.img"),
+            1 << 20,
+            Some(join),
+        )
+        .unwrap();
+        let cluster =
+            Arc::new(Cluster::open(Arc::clone(&storage), Path::new("/state"), "b", "b:1").unwrap());
+        let app = Applicator::new(
+            Arc::clone(res.store()),
+            Arc::clone(&storage),
+            Arc::clone(res.backing()),
+            res.meta().backing,
+            res.position_path(),
+            Position::default(),
+        );
+        disk.set_faults(Faults {
+            sync_eio: 1.0,
+            ..Faults::default()
+        });
+        let handoff = Arc::new(Handoff::default());
+        handoff.offer(Position {
+            pos: 4096,
+            next_seq: 2,
+        });
+        handoff.stop();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (p, h) = (app.persister(), Arc::clone(&handoff));
+        std::thread::spawn(move || {
+            persist_loop(res, p, h, cluster);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the persister does not end after a stop while the device fails to sync"
+        );
+    }
 }
