@@ -423,6 +423,12 @@ impl Resource {
                     source,
                 },
             )?;
+        // What lies past the durable floor may be readable without being on
+        // disk (a failed fdatasync before a restart): written again here.
+        store.rewrite_from(durable).map_err(|source| Error::Log {
+            resource: name.clone(),
+            source,
+        })?;
         let store = Arc::new(store);
         quota.charge_existing(store.bytes());
         let backing = storage
