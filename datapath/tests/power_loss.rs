@@ -1192,7 +1192,6 @@ fn a_power_loss_after_the_restart_that_a_failed_log_sync_asks_for_recovers() {
         write(&h, 3);
         rt.block_on(h.flush()).expect("flush after the restart");
         drop(h);
-        drop(write);
         // Then the power goes.
         let image = disk.crash(CrashMode::DropUnsynced);
         res.shutdown(Instant::now());
