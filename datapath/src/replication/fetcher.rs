@@ -109,8 +109,13 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
             None,
         ),
     };
-    let (mut conn, _) =
-        proto::connect(&*cluster.net, &addr, &cluster.hello(Purpose::Rpc), Some(&primary.node)).await?;
+    let (mut conn, _) = proto::connect(
+        &*cluster.net,
+        &addr,
+        &cluster.hello(Purpose::Rpc),
+        Some(&primary.node),
+    )
+    .await?;
     let req = Message::Fetch {
         resource: res.name().into(),
         from_pos,
