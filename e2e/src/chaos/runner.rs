@@ -221,7 +221,7 @@ impl<'c> Campaign<'c> {
         }
         for h in count_down(&mut self.left) {
             if !self.down.contains_key(&h) {
-                self.join(&h, None)?;
+                self.rejoin(&h)?;
             }
         }
         Ok(())
@@ -784,7 +784,8 @@ impl<'c> Campaign<'c> {
                         stderr(&out)
                     );
                 }
-                self.join(&h, None)?;
+                self.replicas.remove(&h);
+                self.rejoin(&h)?;
                 return Ok(true);
             }
             let s = State::of(&v);
@@ -909,6 +910,18 @@ impl<'c> Campaign<'c> {
             self.start_host(h)?;
         }
         Ok(true)
+    }
+
+    /// `join-resource` on `h`, which must come back as a replica: if the
+    /// join is refused (no primary reachable, a full disk) it is tried
+    /// again at the next step and at quiescence. (Before, a refused join
+    /// after `delete-resource` dropped `h` from the campaign while it
+    /// still counted as a replica that had to converge.)
+    fn rejoin(&mut self, h: &str) -> Result<()> {
+        if !self.join(h, None)? {
+            self.left.insert(h.to_string(), 1);
+        }
+        Ok(())
     }
 
     /// Frees `h`'s full state root. The primary must then hold every
@@ -1185,7 +1198,19 @@ impl<'c> Campaign<'c> {
         self.heal()?;
         let left: Vec<String> = self.left.keys().cloned().collect();
         for h in left {
-            self.join(&h, None)?;
+            // Healed: a join may still be refused for a moment (a primary
+            // just elected, gossip on its way), not for long.
+            let since = Instant::now();
+            while !self.join(&h, None)? {
+                if since.elapsed() > Duration::from_secs(30) {
+                    self.violation(format!(
+                        "(avail) {h} could not join {R} again within 30 s after the faults stopped"
+                    ));
+                    self.left.remove(&h);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
         for h in std::mem::take(&mut self.paused) {
             self.c.host(&h).marsadm_ok(&["resume-fetch", R])?;
