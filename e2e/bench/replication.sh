@@ -31,7 +31,7 @@ usage() {
 MODE=default
 OUT=
 THROTTLE_MBIT=
-TBF_BURST=64k
+TBF_BURST=256k     # above a GSO packet: see README "the token bucket's burst"
 SLOW_ONLY=0
 KEEP=0
 SHIP_COMPRESSION=      # marsd's --ship-compression on both hosts (empty: its default)

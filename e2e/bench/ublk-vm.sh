@@ -1,53 +1,65 @@
 # The ublk benchmark, run inside the VM by `e2e/vm/run --bench`: our
 # /dev/ublkbN against rublk's loop target on the same kind of backing file
-# (a tmpfs file in the VM), same workloads, same run. TCG emulation makes
-# absolute figures meaningless; only the ratios mean something. mars writes
-# every byte twice (log + writeback), rublk once.
+# (a tmpfs file in the VM), same workloads, same run, at the same number of
+# hardware queues (BENCH_QUEUES). TCG emulation makes absolute figures
+# meaningless; only the ratios mean something. mars writes every byte
+# twice (log + writeback), rublk once.
 #
-# Both devices exist for the whole run and every workload runs on rublk and
-# then right away on mars, BENCH_ROUNDS times, so that the two figures of a
-# ratio are taken under the same load of the host (other builds and VMs on a
-# shared machine change qemu's share of the CPUs from minute to minute).
-# Before each run mars's writeback backlog is drained (bounded wait), so no
-# run pays for the previous one's writeback; each mars write run still pays
+# All devices exist for the whole run and every workload runs on each
+# device in turn, BENCH_ROUNDS times, so that the figures of a ratio are
+# taken under the same load of the host (other builds and VMs on a shared
+# machine change qemu's share of the CPUs from minute to minute). Before
+# each run every marsd's writeback backlog is drained (bounded wait), so no
+# run pays for an earlier one's writeback; each mars write run still pays
 # for the writeback that runs during it.
 #
 # With marsd-base/marsadm-base in the VM (MARS_VM_BENCH_BASELINE, see
-# e2e/vm/run), that build serves a third device, "mars-base", run right
-# after the other two: before/after figures under the same load.
+# e2e/vm/run), that build serves one more device per queue count,
+# "mars-base-qN", run right after "mars-qN": before/after figures under
+# the same load.
 set -e
 SIZE_MB=${BENCH_SIZE_MB:-256}
 ROUNDS=${BENCH_ROUNDS:-3}
 FIO_S=${BENCH_FIO_SECONDS:-5}
+# Queue counts to compare at: each is one rublk device (`-q N`) and one
+# mars device (`--ublk-queues N`). The pairs must match: under TCG a
+# second queue costs rublk itself up to half its random-write IOPS, and
+# rublk's default is 1 queue, marsd's one per CPU.
+QUEUES=${BENCH_QUEUES:-"1 2"}
 MB=$((SIZE_MB / 2))
 now() { cut -d' ' -f1 /proc/uptime; }
 mbps() { awk -v s="$1" -v e="$2" -v m="$3" 'BEGIN{d=e-s; if (d<0.01) d=0.01; printf "%.1f", m/d}'; }
 waitdev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; [ -b "$1" ]; }
-adm() { marsadm --root /tmp/mars/root "$@"; }
-adm_base() { marsadm-base --root /tmp/mars-base/root "$@"; }
+# adm LABEL ARGS...: the marsadm of the marsd that serves device LABEL.
+adm() {
+  a_l=$1; shift
+  case $a_l in
+    mars-base*) marsadm-base --root /tmp/$a_l/root "$@" ;;
+    *) marsadm --root /tmp/$a_l/root "$@" ;;
+  esac
+}
 
-# Until mars (and mars-base) have written back everything they logged.
+# Until every marsd has written back everything it logged.
 drain() {
-  drain1 adm
-  [ -z "$base_dev" ] || drain1 adm_base
+  for d_l in $mars_labels; do drain1 "$d_l"; done
 }
 
-# counter ADM NAME: that marsd's log counter NAME ("appended", "written_back").
+# counter LABEL NAME: that marsd's log counter NAME ("appended", "written_back").
 counter() {
-  $1 view vol --json | grep -o "\"$2\": *[0-9]*" | head -1 | grep -o '[0-9]*$'
+  adm "$1" view vol --json | grep -o "\"$2\": *[0-9]*" | head -1 | grep -o '[0-9]*$'
 }
 
-# drain1 ADM: until that marsd has written back everything (at most 60 s).
+# drain1 LABEL: until that marsd has written back everything (at most 60 s).
 drain1() {
   # (sh has no local variables: each function's names carry its prefix)
   d_i=0
   while [ $d_i -lt 600 ]; do
-    d_a=$(counter $1 appended)
-    d_w=$(counter $1 written_back)
+    d_a=$(counter "$1" appended)
+    d_w=$(counter "$1" written_back)
     [ -n "$d_a" ] && [ "$d_a" = "$d_w" ] && return 0
     sleep 0.1; d_i=$((d_i+1))
   done
-  echo "BENCH-NOTE writeback did not drain within 60 s (appended $d_a, written back $d_w)"
+  echo "BENCH-NOTE $1: writeback did not drain within 60 s (appended $d_a, written back $d_w)"
 }
 
 # one LABEL DEV WORKLOAD: prints BENCH LABEL WORKLOAD VALUE UNIT. Its
@@ -57,12 +69,11 @@ drain1() {
 one() {
   o_label=$1 o_dev=$2 o_w=$3
   case $o_label in
-    mars) o_adm=adm ;;
-    mars-base) o_adm=adm_base ;;
-    *) o_adm= ;;
+    mars*) o_mars=1 ;;
+    *) o_mars= ;;
   esac
   drain
-  [ -z "$o_adm" ] || o_before=$(counter $o_adm appended)
+  [ -z "$o_mars" ] || o_before=$(counter "$o_label" appended)
   sync; echo 3 >/proc/sys/vm/drop_caches
   case $o_w in
     seq-write-1M)
@@ -78,13 +89,13 @@ one() {
              awk -F';' -v rw=$o_rw '{print (rw=="randread") ? $8 : $49}')
       echo "BENCH $o_label $o_w ${o_iops:-0} IOPS" ;;
   esac
-  [ -n "$o_adm" ] || return 0
+  [ -n "$o_mars" ] || return 0
   case $o_w in
     *write*)
       # A write run on a mars device must reach that marsd's log: else the
       # figure is some other device's.
-      o_a=$(counter $o_adm appended)
-      o_wb=$(counter $o_adm written_back)
+      o_a=$(counter "$o_label" appended)
+      o_wb=$(counter "$o_label" written_back)
       if [ -z "$o_a" ] || [ "$o_a" = "$o_before" ]; then
         echo "BENCH-ERROR $o_label $o_w: $o_dev is not served by the $o_label marsd (its log did not grow)"
         exit 1
@@ -92,51 +103,54 @@ one() {
       # What the run left to write back, and how long that took (not in
       # its figure; `written_back` moves every 0.5 s, so up to that much
       # too high).
-      o_s=$(now); drain1 $o_adm; o_e=$(now)
+      o_s=$(now); drain1 "$o_label"; o_e=$(now)
       echo "BENCH-TAIL $o_label $o_w backlog $(( (o_a - o_wb) >> 20 )) MiB, written back $(awk -v s="$o_s" -v e="$o_e" 'BEGIN{printf "%.1f", e-s}') s later" ;;
   esac
 }
 
-truncate -s ${SIZE_MB}M /tmp/rublk.img
-rublk add loop -n 5 -f /tmp/rublk.img --quiet >/dev/null
-waitdev /dev/ublkb5 || { echo "BENCH-ERROR rublk device missing"; exit 1; }
-
-# start_mars NAME MARSD ADM PORT: prints the device path. Logfiles of 64M
-# keep the log's share of the VM's tmpfs small.
+# start_mars LABEL MARSD PORT QUEUES: prints the device path. Logfiles of
+# 64M keep the log's share of the VM's tmpfs small.
 start_mars() {
   mkdir -p /tmp/$1
-  $2 --root /tmp/$1/root --node bench --listen 127.0.0.1:$4 --startup-wait 0 --logfile-size 64M \
-    >/tmp/$1/marsd.log 2>&1 &
+  $2 --root /tmp/$1/root --node bench --listen 127.0.0.1:$3 --startup-wait 0 --logfile-size 64M \
+    --ublk-queues $4 >/tmp/$1/marsd.log 2>&1 &
   i=0; while [ ! -S /tmp/$1/root/marsd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-  $3 --root /tmp/$1/root create-resource vol /tmp/$1.img --size ${SIZE_MB}M >/dev/null
-  $3 --root /tmp/$1/root up vol | grep -o '/dev/ublkb[0-9]*'
+  adm $1 create-resource vol /tmp/$1.img --size ${SIZE_MB}M >/dev/null
+  adm $1 up vol | grep -o '/dev/ublkb[0-9]*'
 }
-base_dev=""
-mars_dev=$(start_mars mars marsd marsadm 7000)
-waitdev "$mars_dev" || { echo "BENCH-ERROR mars device missing"; exit 1; }
-if command -v marsd-base >/dev/null; then
-  base_dev=$(start_mars mars-base marsd-base marsadm-base 7001)
-  waitdev "$base_dev" || { echo "BENCH-ERROR mars-base device missing"; exit 1; }
-fi
 
-workloads="seq-write-1M seq-read-1M"
-command -v fio >/dev/null && workloads="$workloads rand-randwrite-4k-qd32 rand-randread-4k-qd32"
+# The devices: per queue count N, rublk-qN, mars-qN (and mars-base-qN).
+# `devices` lists "LABEL=DEV" in the order a round runs them.
+devices="" mars_labels=""
+for q in $QUEUES; do
+  truncate -s ${SIZE_MB}M /tmp/rublk-q$q.img
+  rublk add loop -n $((100 + q)) -q $q -f /tmp/rublk-q$q.img --quiet >/dev/null
+  waitdev /dev/ublkb$((100 + q)) || { echo "BENCH-ERROR rublk device missing"; exit 1; }
+  devices="$devices rublk-q$q=/dev/ublkb$((100 + q))"
+  dev=$(start_mars mars-q$q marsd $((7000 + q)) $q)
+  waitdev "$dev" || { echo "BENCH-ERROR mars-q$q device missing"; exit 1; }
+  devices="$devices mars-q$q=$dev" mars_labels="$mars_labels mars-q$q"
+  if command -v marsd-base >/dev/null; then
+    dev=$(start_mars mars-base-q$q marsd-base $((7100 + q)) $q)
+    waitdev "$dev" || { echo "BENCH-ERROR mars-base-q$q device missing"; exit 1; }
+    devices="$devices mars-base-q$q=$dev" mars_labels="$mars_labels mars-base-q$q"
+  fi
+done
+
+workloads=${BENCH_WORKLOADS:-"seq-write-1M seq-read-1M"}
+[ -n "${BENCH_WORKLOADS:-}" ] || ! command -v fio >/dev/null ||
+  workloads="$workloads rand-randwrite-4k-qd32 rand-randread-4k-qd32"
 r=1
-while [ $r -le "$ROUNDS" ]; do
+while [ "$r" -le "$ROUNDS" ]; do
   for w in $workloads; do
-    one rublk-loop /dev/ublkb5 "$w"
-    # mars and mars-base take turns at going first.
-    if [ $((r % 2)) = 0 ] && [ -n "$base_dev" ]; then
-      one mars-base "$base_dev" "$w"; one mars "$mars_dev" "$w"
-    else
-      one mars "$mars_dev" "$w"; [ -z "$base_dev" ] || one mars-base "$base_dev" "$w"
-    fi
+    for d in $devices; do one "${d%%=*}" "${d#*=}" "$w"; done
   done
   r=$((r+1))
 done
 
-adm down vol >/dev/null
-[ -z "$base_dev" ] || adm_base down vol >/dev/null
-rublk del -n 5 >/dev/null
-grep -iE ' (WARN|ERROR) ' /tmp/mars/marsd.log | head -5 | sed 's/^/BENCH-NOTE marsd: /'
+for l in $mars_labels; do adm "$l" down vol >/dev/null; done
+for q in $QUEUES; do rublk del -n $((100 + q)) >/dev/null; done
+for l in $mars_labels; do
+  grep -iE ' (WARN|ERROR) ' /tmp/$l/marsd.log | head -5 | sed "s/^/BENCH-NOTE $l marsd: /"
+done
 echo "BENCH-END"

@@ -65,6 +65,14 @@ struct Args {
     /// Logical block size of ublk devices.
     #[arg(long, default_value_t = 512)]
     ublk_block_size: u32,
+    /// Hardware queues of each ublk device, each served by its own thread
+    /// [default: one per CPU, at most 4].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
+    ublk_queues: Option<u16>,
+    /// Requests in flight per ublk queue, each holding a 512 KiB buffer
+    /// [default: 64].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    ublk_depth: Option<u16>,
     /// Compression of log and full-sync data sent to peers: off, zstd or
     /// zstd:LEVEL (1-19). Used on a link only if the peer accepts it (peers
     /// with `off` or older versions get raw data).
@@ -140,9 +148,13 @@ async fn run(args: Args) -> Result<()> {
             .unwrap_or_else(|| args.listen.to_string()),
         devices: datapath::devices::DeviceConfig {
             auto: args.ublk,
-            options: datapath::frontend::ublk::Options {
-                logical_block_size: args.ublk_block_size,
-                ..Default::default()
+            options: {
+                let default = datapath::frontend::ublk::Options::default();
+                datapath::frontend::ublk::Options {
+                    logical_block_size: args.ublk_block_size,
+                    queues: args.ublk_queues.unwrap_or(default.queues),
+                    depth: args.ublk_depth.unwrap_or(default.depth),
+                }
             },
         },
         ship_compression: args.ship_compression,
