@@ -266,6 +266,15 @@ pub fn decode_record_header(b: &[u8]) -> Result<RecordHeader, DecodeError> {
 /// Decodes one whole record from the start of `b`, verifying its checksum.
 /// Returns the record and the number of bytes it occupies.
 pub fn decode_record(b: &[u8]) -> Result<(Record, usize), DecodeError> {
+    let (h, total) = verify_record(b)?;
+    let payload = Bytes::copy_from_slice(&b[RECORD_HEADER_LEN..total]);
+    Ok((Record { header: h, payload }, total))
+}
+
+/// Checks the record at the start of `b` like [`decode_record`] without
+/// copying its payload out: its header and encoded length. For checks of
+/// data that is kept as it is (a fetched chunk goes to the log whole).
+pub fn verify_record(b: &[u8]) -> Result<(RecordHeader, usize), DecodeError> {
     let h = decode_record_header(b)?;
     let total = h.encoded_len() as usize;
     if b.len() < total {
@@ -282,8 +291,7 @@ pub fn decode_record(b: &[u8]) -> Result<(Record, usize), DecodeError> {
             h.seq
         )));
     }
-    let payload = Bytes::copy_from_slice(&b[RECORD_HEADER_LEN..total]);
-    Ok((Record { header: h, payload }, total))
+    Ok((h, total))
 }
 
 #[cfg(test)]

@@ -370,13 +370,13 @@ impl CopySync {
 fn check_records(data: &[u8], records: u64, mut next_seq: u64) -> Result<(), FetchError> {
     let mut at = 0;
     for _ in 0..records {
-        let (rec, used) = format::decode_record(&data[at..]).map_err(|e| {
+        let (header, used) = format::verify_record(&data[at..]).map_err(|e| {
             FetchError::Bad(format!("a damaged record at byte {at} of a chunk: {e}"))
         })?;
-        if rec.header.seq != next_seq {
+        if header.seq != next_seq {
             return Err(FetchError::Bad(format!(
                 "record {} where {next_seq} was due",
-                rec.header.seq
+                header.seq
             )));
         }
         next_seq += 1;
