@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use super::format::{self, DecodeError, FILE_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC, Record};
+use bytes::Bytes;
+
+use super::format::{
+    self, DecodeError, FILE_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC, Record, RecordHeader,
+};
 use crate::storage::File;
 
 /// Why iteration stopped.
@@ -122,6 +126,16 @@ impl RecordReader {
 
     /// The next valid record and its file offset, or `None` at the end (see [`Self::stop`]).
     pub fn next_record(&mut self) -> std::io::Result<Option<(u64, Record)>> {
+        Ok(self.next_raw()?.map(|(at, header, raw)| {
+            let payload = Bytes::copy_from_slice(&raw[RECORD_HEADER_LEN..]);
+            (at, Record { header, payload })
+        }))
+    }
+
+    /// Like [`Self::next_record`], but the record as it is encoded in the
+    /// file, borrowed from the read window: checked, not copied (shipping
+    /// passes records on as they are).
+    pub fn next_raw(&mut self) -> std::io::Result<Option<(u64, RecordHeader, &[u8])>> {
         if self.stop.is_some() {
             return Ok(None);
         }
@@ -129,30 +143,26 @@ impl RecordReader {
             self.stop = Some(Stop::Clean);
             return Ok(None);
         }
-        let header = self.fill(RECORD_HEADER_LEN)?.to_vec();
-        let need = match format::decode_record_header(&header) {
+        let need = match format::decode_record_header(self.fill(RECORD_HEADER_LEN)?) {
             Ok(h) => h.encoded_len() as usize,
             Err(e) => return self.stop_at(e).map(|_| None),
         };
-        let bytes = self.fill(need)?;
-        match format::decode_record(bytes) {
-            Ok((rec, used)) => {
+        match format::verify_record(self.fill(need)?) {
+            Ok((header, used)) => {
                 if let Some(exp) = self.expected_seq
-                    && rec.header.seq != exp
+                    && header.seq != exp
                 {
                     self.stop = Some(Stop::Corrupt {
                         at: self.pos,
-                        what: format!(
-                            "sequence gap: expected record {exp}, found {}",
-                            rec.header.seq
-                        ),
+                        what: format!("sequence gap: expected record {exp}, found {}", header.seq),
                     });
                     return Ok(None);
                 }
                 let at = self.pos;
+                let start = (at - self.buf_off) as usize;
                 self.pos += used as u64;
-                self.expected_seq = Some(rec.header.seq + 1);
-                Ok(Some((at, rec)))
+                self.expected_seq = Some(header.seq + 1);
+                Ok(Some((at, header, &self.buf[start..start + used])))
             }
             Err(e) => self.stop_at(e).map(|_| None),
         }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::format::{FILE_HEADER_LEN, FileHeader, Record};
+use super::format::{FILE_HEADER_LEN, FileHeader, Record, RecordHeader};
 use super::lineage::{Epoch, Lineage};
 use super::reader::{FIRST_RECORD, RecordReader, Stop};
 use super::{Error, Result};
@@ -494,14 +494,18 @@ impl LogStore {
     }
 
     /// Whole records from log position `pos`, up to `limit` and about
-    /// `max_bytes`, encoded as they are in the logfile (for shipping).
-    /// `None` if nothing is there yet.
+    /// `max_bytes`, encoded as they are in the logfile (for shipping), in
+    /// `bytes` (cleared first). `None` if nothing is there yet. A caller that
+    /// reads batch after batch passes the same buffer each time: growing a
+    /// fresh one to a MiB per batch cost a copy of every byte shipped.
     pub fn read_records(
         self: &Arc<Self>,
         pos: u64,
         limit: u64,
         max_bytes: usize,
+        bytes: &mut Vec<u8>,
     ) -> Result<Option<RawRecords>> {
+        bytes.clear();
         let files = self.files();
         let Some(f) = files
             .iter()
@@ -510,26 +514,25 @@ impl LogStore {
             return Ok(None);
         };
         let mut cursor = self.cursor(pos)?;
-        let mut bytes = Vec::new();
         let mut records = 0;
         let mut end = pos;
         let file_end = f.end_pos.min(limit);
         while bytes.len() < max_bytes && end < file_end {
-            let Some((at, rec)) = cursor.next_record()? else {
+            let before = bytes.len();
+            let Some((at, header)) = cursor.next_raw_into(bytes)? else {
                 break;
             };
-            let rec_end = at + rec.header.encoded_len();
+            let rec_end = at + header.encoded_len();
             if rec_end > file_end {
+                bytes.truncate(before);
                 break;
             }
-            super::format::encode_record(&rec.header, &rec.payload, &mut bytes);
             records += 1;
             end = rec_end;
         }
         Ok(Some(RawRecords {
             file: f.clone(),
             pos,
-            bytes,
             records,
         }))
     }
@@ -723,14 +726,14 @@ fn scan_file(
     Ok((info.header.start_pos + valid_end - FIRST_RECORD, end_seq))
 }
 
-/// Encoded records read for shipping.
+/// Where encoded records read for shipping come from (the bytes are in
+/// the caller's buffer, see [`LogStore::read_records`]).
 #[derive(Debug)]
 pub struct RawRecords {
     /// The logfile they are in.
     pub file: LogFileInfo,
     /// Log position of the first.
     pub pos: u64,
-    pub bytes: Vec<u8>,
     pub records: u64,
 }
 
@@ -805,6 +808,31 @@ impl LogCursor {
     /// The next record and its log position; `None` at the current end of
     /// the log. Damage is an error, never a record.
     pub fn next_record(&mut self) -> Result<Option<(u64, Record)>> {
+        self.next_with(|reader| {
+            Ok(reader
+                .next_record()?
+                .map(|(off, rec)| (off, rec.header.encoded_len(), rec)))
+        })
+    }
+
+    /// Like [`Self::next_record`], but appends the record to `out` as it is
+    /// encoded in the logfile (checked, copied once) and returns its log
+    /// position and header.
+    pub fn next_raw_into(&mut self, out: &mut Vec<u8>) -> Result<Option<(u64, RecordHeader)>> {
+        self.next_with(|reader| {
+            Ok(reader.next_raw()?.map(|(off, header, raw)| {
+                out.extend_from_slice(raw);
+                (off, header.encoded_len(), header)
+            }))
+        })
+    }
+
+    /// The cursor's walk across logfiles; `read` takes the next record of
+    /// one file: (file offset, encoded length, what the caller keeps).
+    fn next_with<T>(
+        &mut self,
+        mut read: impl FnMut(&mut RecordReader) -> std::io::Result<Option<(u64, u64, T)>>,
+    ) -> Result<Option<(u64, T)>> {
         loop {
             if self.reader.is_none() {
                 let files = self.store.files();
@@ -831,14 +859,14 @@ impl LogCursor {
                     .find(|f| f.header.start_pos == *start)
                     .map(|f| f.path)
             };
-            match reader.next_record().map_err(|e| Error::Io {
+            match read(reader).map_err(|e| Error::Io {
                 path: PathBuf::new(),
                 source: e,
             })? {
-                Some((off, rec)) => {
+                Some((off, len, kept)) => {
                     let pos = *start + off - FIRST_RECORD;
-                    self.pos = pos + rec.header.encoded_len();
-                    return Ok(Some((pos, rec)));
+                    self.pos = pos + len;
+                    return Ok(Some((pos, kept)));
                 }
                 None => {
                     let stop = reader.stop().cloned();
@@ -889,7 +917,7 @@ impl LogCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::format::{RecordHeader, RecordKind, encode_record};
+    use crate::log::format::{RecordKind, encode_record};
     use crate::storage::fs::RealStorage;
     use bytes::Bytes;
     use proptest::prelude::*;
@@ -1032,6 +1060,69 @@ mod tests {
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
         assert_eq!(epochs(&store.lineage()).last(), Some(&(4, "e", e_start)));
         assert_eq!(epochs(&store.lineage()).len(), 4);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// Shipping reads: batch after batch from any record boundary, under
+        /// any size bound and position limit, gives whole records exactly as
+        /// the logfiles hold them, never past the limit or a file's end.
+        #[test]
+        fn read_records_ships_whole_records_as_logged(
+            files in proptest::collection::vec(proptest::collection::vec(0usize..5000, 1..8), 1..4),
+            max_bytes in 1usize..20_000,
+            limit_at in any::<prop::sample::Index>(),
+            from_at in any::<prop::sample::Index>(),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+            let store = Arc::new(store);
+            // (log position, encoded record) of every record, in order.
+            let mut logged: Vec<(u64, Vec<u8>)> = Vec::new();
+            for lens in &files {
+                let mut app = new_file(&store, 1, "n1");
+                logged.push((app.start_pos(), {
+                    let mut b = Vec::new();
+                    let r = record(app.next_seq() - 1, 100);
+                    encode_record(&r.header, &r.payload, &mut b);
+                    b
+                }));
+                for len in lens {
+                    let r = record(app.next_seq(), *len);
+                    let mut buf = Vec::new();
+                    encode_record(&r.header, &r.payload, &mut buf);
+                    logged.push((app.end_pos(), buf.clone()));
+                    app.append(&buf, 1).unwrap();
+                }
+                app.sync().unwrap();
+                store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+            }
+            let end = store.end().unwrap().0;
+            let bounds: Vec<u64> = logged.iter().map(|(p, _)| *p).chain([end]).collect();
+            let limit = bounds[limit_at.index(bounds.len())];
+            let mut pos = bounds[from_at.index(bounds.len())].min(limit);
+            let mut got = Vec::new();
+            let mut bytes = vec![7; 3];
+            while let Some(raw) = store.read_records(pos, limit, max_bytes, &mut bytes).unwrap() {
+                prop_assert!(raw.records > 0, "a batch at {} below the limit {} is empty", pos, limit);
+                prop_assert_eq!(raw.pos, pos);
+                prop_assert!(raw.file.header.start_pos <= pos && pos < raw.file.end_pos);
+                let batch_end = pos + bytes.len() as u64;
+                prop_assert!(batch_end <= limit.min(raw.file.end_pos));
+                prop_assert!(raw.records == 1 || bytes.len() < max_bytes + 5064);
+                got.extend_from_slice(&bytes);
+                pos = batch_end;
+            }
+            prop_assert_eq!(pos, limit.max(pos));
+            let from = bounds[from_at.index(bounds.len())].min(limit);
+            let want: Vec<u8> = logged
+                .iter()
+                .filter(|(p, b)| *p >= from && *p + b.len() as u64 <= limit)
+                .flat_map(|(_, b)| b.clone())
+                .collect();
+            prop_assert!(got == want, "shipped {} bytes, logged {} in range", got.len(), want.len());
+        }
     }
 
     proptest! {

@@ -309,6 +309,8 @@ async fn ship(
     // from its applier until the next heartbeat.
     let mut caught_up_told = true;
     let counters = res.counters();
+    // One buffer for every batch read for this peer.
+    let mut batch = Vec::new();
     loop {
         if res.meta().disconnected {
             return refuse(s, format!("{resource} was disconnected on {}", node.name())).await;
@@ -319,8 +321,9 @@ async fn ship(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let limit = counters.flushed.load(std::sync::atomic::Ordering::Acquire);
-        let raw = crate::net::block_in_place(|| store.read_records(pos, limit, frame_bytes))
-            .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
+        let raw =
+            crate::net::block_in_place(|| store.read_records(pos, limit, frame_bytes, &mut batch))
+                .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
         match raw {
             Some(raw) if raw.records > 0 => {
                 if client_file != Some(raw.file.file_seq) {
@@ -331,7 +334,7 @@ async fn ship(
                     proto::write_frame(s, &msg, &raw.file.header.encode()).await?;
                     client_file = Some(raw.file.file_seq);
                 }
-                let (encoding, wire) = crate::net::block_in_place(|| enc.encode(&raw.bytes));
+                let (encoding, wire) = crate::net::block_in_place(|| enc.encode(&batch));
                 let msg = Message::LogData {
                     pos,
                     records: raw.records,
@@ -341,9 +344,13 @@ async fn ship(
                 let sent = proto::write_frame_len(s, &msg, &wire).await?;
                 counters
                     .shipped_bytes
-                    .fetch_add(raw.bytes.len() as u64, Relaxed);
+                    .fetch_add(batch.len() as u64, Relaxed);
                 counters.shipped_wire_bytes.fetch_add(sent, Relaxed);
-                pos += raw.bytes.len() as u64;
+                pos += batch.len() as u64;
+                if batch.capacity() > 4 * frame_bytes {
+                    // A batch grown for one huge record is not kept.
+                    batch = Vec::new();
+                }
                 last_sent = Instant::now();
                 caught_up_told = false;
             }
