@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::log::{self, LogStore, Record, RecordKind};
+use crate::log::{self, LogStore, Record, RecordHeader, RecordKind};
 use crate::storage::{File, Storage};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +103,19 @@ pub fn apply_record(
     rec: &Record,
     size: &mut KnownSize,
 ) -> Result<()> {
-    let h = &rec.header;
+    apply_parts(dev, device, pos, &rec.header, &rec.payload, size)
+}
+
+/// [`apply_record`] of a record given as its header and payload, e.g.
+/// borrowed from a log reader's window.
+pub fn apply_parts(
+    dev: &dyn File,
+    device: &Path,
+    pos: u64,
+    h: &RecordHeader,
+    payload: &[u8],
+    size: &mut KnownSize,
+) -> Result<()> {
     let io = |source| Error::Device {
         device: device.into(),
         pos,
@@ -126,7 +138,7 @@ pub fn apply_record(
                 });
             }
             if h.kind == RecordKind::Write {
-                dev.write_all_at(&rec.payload, h.offset).map_err(io)
+                dev.write_all_at(payload, h.offset).map_err(io)
             } else {
                 dev.write_zeroes(h.offset, h.length).map_err(io)
             }
@@ -249,29 +261,35 @@ impl Applicator {
         // Nothing at or past `limit` is read: the record there may still be
         // being appended (reading it would find it incomplete).
         while applied < max_records && pos.pos - start < APPLY_BATCH_BYTES && pos.pos < limit {
-            let Some((at, rec)) = cursor.next_record()? else {
+            // Applied straight from the reader's window: no copy of the payload.
+            let (p, size, dir) = (&self.persister, &mut self.size, self.store.dir());
+            let visited = cursor.next_visit(|at, h, payload| {
+                let end = at + h.encoded_len();
+                if end > limit {
+                    return Ok(None);
+                }
+                if h.seq != pos.next_seq && pos.next_seq != 0 {
+                    return Err(Error::from(log::Error::Corruption {
+                        path: dir.into(),
+                        offset: at,
+                        what: format!(
+                            "expected record {} at position {at}, found {}",
+                            pos.next_seq, h.seq
+                        ),
+                    }));
+                }
+                apply_parts(&*p.device, &p.device_path, at, h, payload, size)?;
+                Ok(Some(end))
+            })?;
+            let Some((_, header, outcome)) = visited else {
                 break;
             };
-            let end = at + rec.header.encoded_len();
-            if end > limit {
+            let Some(end) = outcome? else {
                 break;
-            }
-            if rec.header.seq != pos.next_seq && pos.next_seq != 0 {
-                return Err(log::Error::Corruption {
-                    path: self.store.dir().into(),
-                    offset: at,
-                    what: format!(
-                        "expected record {} at position {at}, found {}",
-                        pos.next_seq, rec.header.seq
-                    ),
-                }
-                .into());
-            }
-            let p = &self.persister;
-            apply_record(&*p.device, &p.device_path, at, &rec, &mut self.size)?;
+            };
             pos = Position {
                 pos: end,
-                next_seq: rec.header.seq + 1,
+                next_seq: header.seq + 1,
             };
             self.applied = pos;
             applied += 1;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::format::{FILE_HEADER_LEN, FileHeader, Record, RecordHeader};
+use super::format::{FILE_HEADER_LEN, FileHeader, RECORD_HEADER_LEN, Record, RecordHeader};
 use super::lineage::{Epoch, Lineage};
 use super::reader::{FIRST_RECORD, RecordReader, Stop};
 use super::{Error, Result};
@@ -808,7 +808,7 @@ impl LogCursor {
     /// The next record and its log position; `None` at the current end of
     /// the log. Damage is an error, never a record.
     pub fn next_record(&mut self) -> Result<Option<(u64, Record)>> {
-        self.next_with(|reader| {
+        self.next_with(|reader, _| {
             Ok(reader
                 .next_record()?
                 .map(|(off, rec)| (off, rec.header.encoded_len(), rec)))
@@ -819,7 +819,7 @@ impl LogCursor {
     /// encoded in the logfile (checked, copied once) and returns its log
     /// position and header.
     pub fn next_raw_into(&mut self, out: &mut Vec<u8>) -> Result<Option<(u64, RecordHeader)>> {
-        self.next_with(|reader| {
+        self.next_with(|reader, _| {
             Ok(reader.next_raw()?.map(|(off, header, raw)| {
                 out.extend_from_slice(raw);
                 (off, header.encoded_len(), header)
@@ -827,11 +827,32 @@ impl LogCursor {
         })
     }
 
+    /// Like [`Self::next_record`], but hands the record to `visit` as its
+    /// log position, header and payload borrowed from the read window (no
+    /// copy), and returns its log position, header and what `visit` made
+    /// of it.
+    pub fn next_visit<T>(
+        &mut self,
+        visit: impl FnOnce(u64, &RecordHeader, &[u8]) -> T,
+    ) -> Result<Option<(u64, RecordHeader, T)>> {
+        let mut visit = Some(visit);
+        let next = self.next_with(|reader, start| {
+            Ok(reader.next_raw()?.map(|(off, header, raw)| {
+                let at = start + off - FIRST_RECORD;
+                let visit = visit.take().expect("a record is visited once");
+                let kept = visit(at, &header, &raw[RECORD_HEADER_LEN..]);
+                (off, header.encoded_len(), (header, kept))
+            }))
+        })?;
+        Ok(next.map(|(at, (header, kept))| (at, header, kept)))
+    }
+
     /// The cursor's walk across logfiles; `read` takes the next record of
-    /// one file: (file offset, encoded length, what the caller keeps).
+    /// one file, given the file's log start: (file offset, encoded length,
+    /// what the caller keeps).
     fn next_with<T>(
         &mut self,
-        mut read: impl FnMut(&mut RecordReader) -> std::io::Result<Option<(u64, u64, T)>>,
+        mut read: impl FnMut(&mut RecordReader, u64) -> std::io::Result<Option<(u64, u64, T)>>,
     ) -> Result<Option<(u64, T)>> {
         loop {
             if self.reader.is_none() {
@@ -859,7 +880,7 @@ impl LogCursor {
                     .find(|f| f.header.start_pos == *start)
                     .map(|f| f.path)
             };
-            match read(reader).map_err(|e| Error::Io {
+            match read(reader, *start).map_err(|e| Error::Io {
                 path: PathBuf::new(),
                 source: e,
             })? {
