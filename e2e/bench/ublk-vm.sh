@@ -114,6 +114,7 @@ start_mars() {
   mkdir -p /tmp/$1
   $2 --root /tmp/$1/root --node bench --listen 127.0.0.1:$3 --startup-wait 0 --logfile-size 64M \
     --ublk-queues $4 >/tmp/$1/marsd.log 2>&1 &
+  echo $! >/tmp/$1/marsd.pid
   i=0; while [ ! -S /tmp/$1/root/marsd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
   adm $1 create-resource vol /tmp/$1.img --size ${SIZE_MB}M >/dev/null
   adm $1 up vol | grep -o '/dev/ublkb[0-9]*'
@@ -147,6 +148,30 @@ while [ "$r" -le "$ROUNDS" ]; do
   done
   r=$((r+1))
 done
+
+# BENCH_PERF=1: where each mars-qN device's marsd spends its CPU in 4 KiB
+# random writes and reads (perf sampling 6 s in the middle of a 10 s fio
+# run; perf slows the run, so its IOPS are not figures), per thread and
+# per thread and function, as NOTE lines.
+if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null; then
+  for d in $devices; do
+    p_l=${d%%=*}
+    case $p_l in mars-q*) ;; *) continue ;; esac
+    p_pid=$(cat /tmp/$p_l/marsd.pid)
+    for p_w in randwrite randread; do
+      drain
+      fio --name=b --filename="${d#*=}" --direct=1 --ioengine=libaio --iodepth=32 --rw=$p_w --bs=4k \
+          --size=${MB}M --time_based --runtime=10 >/dev/null 2>&1 &
+      sleep 2
+      perf record -F 999 -p "$p_pid" -o /tmp/perf.data -- sleep 6 >/dev/null 2>&1
+      wait
+      perf report -i /tmp/perf.data --stdio --no-children --sort comm 2>/dev/null | grep '%' | head -8 |
+        sed "s/^/NOTE perf $p_l $p_w thread /"
+      perf report -i /tmp/perf.data --stdio --no-children --sort comm,sym 2>/dev/null | grep '%' | head -30 |
+        sed "s/^/NOTE perf $p_l $p_w /"
+    done
+  done
+fi
 
 for l in $mars_labels; do adm "$l" down vol >/dev/null; done
 for q in $QUEUES; do rublk del -n $((100 + q)) >/dev/null; done
