@@ -355,3 +355,62 @@ impl Sim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulated_section_that_joins_a_worker_parks_until_the_worker_has_ended() {
+        let sim = Sim::install();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let go = Arc::new(tokio::sync::Notify::new());
+        let section = rt.block_on(async {
+            let (l, g) = (Arc::clone(&log), Arc::clone(&go));
+            let w = spawn_worker("w".into(), async move {
+                g.notified().await;
+                l.lock().unwrap().push("worker ended");
+            });
+            let l = Arc::clone(&log);
+            blocking(move || {
+                w.join();
+                l.lock().unwrap().push("section ended");
+                7
+            })
+        });
+        let run =
+            |d| rt.block_on(async move { tokio::time::sleep(Duration::from_millis(d)).await });
+        // Nothing runs beside the simulation: the section starts in
+        // `settle` and parks there, its worker still running.
+        run(1);
+        sim.settle();
+        assert!(log.lock().unwrap().is_empty());
+        go.notify_one();
+        run(1);
+        assert_eq!(*log.lock().unwrap(), ["worker ended"]);
+        // Resumed between steps only.
+        sim.settle();
+        assert_eq!(*log.lock().unwrap(), ["worker ended", "section ended"]);
+        assert_eq!(rt.block_on(section).unwrap(), 7);
+        sim.close();
+        assert!(!simulated());
+    }
+
+    #[test]
+    fn workers_run_on_their_own_threads_without_a_simulation() {
+        let w = spawn_worker("exec-test-worker".into(), async {
+            assert_eq!(
+                std::thread::current().name(),
+                Some("exec-test-worker"),
+                "a worker runs on its own named thread"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        });
+        w.join();
+    }
+}
