@@ -370,7 +370,8 @@ mod tests {
             .unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let go = Arc::new(tokio::sync::Notify::new());
-        let section = rt.block_on(async {
+        let section = {
+            let _rt = rt.enter();
             let (l, g) = (Arc::clone(&log), Arc::clone(&go));
             let w = spawn_worker("w".into(), async move {
                 g.notified().await;
@@ -382,7 +383,7 @@ mod tests {
                 l.lock().unwrap().push("section ended");
                 7
             })
-        });
+        };
         let run =
             |d| rt.block_on(async move { tokio::time::sleep(Duration::from_millis(d)).await });
         // Nothing runs beside the simulation: the section starts in
