@@ -5,10 +5,11 @@
 //! started (group commit). Completed writes are visible to reads through the
 //! overlay until writeback has put them on the backing device.
 //!
-//! Threads: one logger thread appends (it alone owns the [`Appender`]); one
-//! syncer thread runs fdatasync so that appends go on during a sync; one
-//! writeback thread (see `writeback.rs`). Async callers talk to them through
-//! channels and oneshots.
+//! Workers (`exec::spawn_worker`: each on its own thread in marsd, tasks in
+//! a simulation): the logger appends (it alone owns the [`Appender`]); the
+//! syncer runs fdatasync so that appends go on during a sync; writeback
+//! (see `writeback.rs`). Async callers talk to them through channels and
+//! oneshots.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -338,7 +339,7 @@ pub struct StartPoint {
 }
 
 impl Logger {
-    /// Starts the logger threads. The device must already hold everything up
+    /// Starts the logger's workers. The device must already hold everything up
     /// to `start.end_pos` (recovery replays the log first).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
