@@ -404,6 +404,19 @@ async fn writer(
     }
 }
 
+/// Log timestamps in simulated time.
+struct SimTimer;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTimer {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        // (Outside a host's tick, e.g. in a blocking section: none.)
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "[{:9.4} s]", t.as_secs_f64()),
+            None => write!(w, "[    -    ]"),
+        }
+    }
+}
+
 // ---- the trace ----
 
 /// A digest of what a run did, with simulated times: every write's
@@ -683,9 +696,11 @@ impl Cluster<'_> {
                 k >= want,
                 "{what}: the primary shows {k} writes of {want} acknowledged"
             );
+            // Same bytes, and each claims them (a joiner in full sync
+            // may show the primary's bytes before it has copied them).
             let same = (0..self.hosts.len())
                 .filter(|i| *i != self.primary)
-                .all(|i| self.hosts[i].image() == dev);
+                .all(|i| self.hosts[i].image() == dev && consistent(&self.hosts[i]));
             if same {
                 return;
             }
@@ -985,6 +1000,15 @@ impl Drop for Cluster<'_> {
 
 /// One run; returns its trace digest.
 fn run(seed: u64, fault_secs: f64) -> String {
+    // `MARS_SIM_LOG=debug` (an EnvFilter) prints the nodes' logs, with
+    // simulated times: a seed replays exactly, logs included.
+    if let Ok(filter) = std::env::var("MARS_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(SimTimer)
+            .with_test_writer()
+            .try_init();
+    }
     let mut c = Cluster::new(seed);
     // Setup: a creates the resource, b and c join it.
     let backing = c.hosts[0].backing();
