@@ -307,13 +307,19 @@ impl Sim {
         }
     }
 
-    /// Ends the executor thread (once idle).
-    pub fn close(&self) {
+    /// Ends the executor thread (once idle) and this thread's simulation
+    /// (if it is this one).
+    pub fn close(self: &Arc<Self>) {
         let mut st = self.state.lock().expect("sim lock");
         st.closed = true;
         self.cv.notify_all();
         drop(st);
-        SIM.with(|s| s.borrow_mut().take());
+        SIM.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, self)) {
+                s.take();
+            }
+        });
     }
 
     fn submit(&self, job: Job) {
