@@ -769,6 +769,19 @@ impl Node {
         let name = res.name().to_string();
         let node = Arc::clone(self);
         crate::exec::blocking(move || {
+            if deposed && let Some(fork) = fork {
+                // It holds records past the fork already: split brain, said
+                // before its role turns secondary (stopping the logger may
+                // take a while), so that it never shows as a consistent
+                // secondary meanwhile (sim_cluster seeds 274, 382).
+                if let Err(e) = res.update_meta(|m| {
+                    m.split_brain = true;
+                    m.divergent_bytes = end - fork;
+                    m.disk_state = resource::DiskState::Outdated;
+                }) {
+                    tracing::error!(resource = %name, error = %e, "recording the split brain failed");
+                }
+            }
             let result = if deposed {
                 tracing::warn!(resource = %name, new_primary = %p.node, generation = p.generation, "a newer primary exists: this node stops taking writes");
                 // Its device goes unless something holds it (then its I/O fails
