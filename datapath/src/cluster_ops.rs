@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::membership::{ClusterState, Member, PrimaryInfo, ReplicaInfo, ResourceConfig};
 use crate::node::Node;
@@ -17,10 +17,18 @@ use crate::resource::{self, Error, JoinPoint, Resource, Role};
 use crate::secondary;
 
 fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    crate::exec::unix_now().as_secs_f64()
+}
+
+/// Locks `m` unless someone holds it. For a task: a role change holds
+/// the secondary runtime while it waits for the runtime's workers, which
+/// in a simulation run on the same thread as the task (`crate::exec`).
+fn try_lock<T>(m: &std::sync::Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+        Err(std::sync::TryLockError::Poisoned(e)) => panic!("poisoned lock: {e}"),
+    }
 }
 
 /// How often resources that failed to load are tried again.
@@ -44,7 +52,7 @@ impl Node {
                 }
                 if node.has_broken() {
                     let n = Arc::clone(&node);
-                    let _ = tokio::task::spawn_blocking(move || n.retry_broken()).await;
+                    let _ = crate::exec::blocking(move || n.retry_broken()).await;
                 }
             }
         });
@@ -56,7 +64,9 @@ impl Node {
                     return;
                 }
                 node.reconcile(&mut caught_up);
+                // Biased: a fixed order of polls (a seed replays a simulation).
                 tokio::select! {
+                    biased;
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = node.cluster.changed.notified() => tokio::time::sleep(Duration::from_millis(50)).await,
                     _ = node.cluster.progress.notified() => {}
@@ -218,7 +228,7 @@ impl Node {
         let res = {
             let node = Arc::clone(self);
             let (name, backing) = (name.to_string(), backing.clone());
-            tokio::task::spawn_blocking(move || {
+            crate::exec::blocking(move || {
                 let _creating = node.create_lock.lock().expect("create lock");
                 let r = Resource::create(
                     Arc::clone(&node.storage),
@@ -368,8 +378,10 @@ impl Node {
                     });
                     continue;
                 }
-                let mut rt = res.secondary.lock().expect("secondary lock");
-                if rt.is_none()
+                // Busy: a role change holds it (and may be waiting for the
+                // old runtime's workers): not now, the next round will.
+                if let Some(mut rt) = try_lock(&res.secondary)
+                    && rt.is_none()
                     && !res.retired.load(Ordering::Acquire)
                     && res.logger().is_none()
                     && !meta.split_brain
@@ -476,7 +488,7 @@ impl Node {
         let generation = {
             let res = Arc::clone(&res);
             let known = rstate.and_then(|r| r.primary()).map_or(0, |p| p.generation);
-            tokio::task::spawn_blocking(move || {
+            crate::exec::blocking(move || {
                 res.make_primary(known + 1)?;
                 Ok::<_, Error>(res.meta().generation)
             })
@@ -498,13 +510,13 @@ impl Node {
         {
             let node = Arc::clone(self);
             let n2 = name.to_string();
-            tokio::task::spawn_blocking(move || node.release_device(&n2))
+            crate::exec::blocking(move || node.release_device(&n2))
                 .await
                 .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??;
         }
         {
             let res = Arc::clone(&res);
-            tokio::task::spawn_blocking(move || res.make_secondary())
+            crate::exec::blocking(move || res.make_secondary())
                 .await
                 .map_err(|e| Error::Cluster(format!("role change failed: {e}")))??;
         }
@@ -595,7 +607,7 @@ impl Node {
             .map_or(0, |p| p.generation);
         let generation = {
             let res = Arc::clone(res);
-            tokio::task::spawn_blocking(move || {
+            crate::exec::blocking(move || {
                 res.make_primary(known + 1)?;
                 Ok::<_, Error>(res.meta().generation)
             })
@@ -618,7 +630,7 @@ impl Node {
         let r2 = Arc::clone(&res);
         let node = Arc::clone(self);
         let n2 = name.to_string();
-        tokio::task::spawn_blocking(move || {
+        crate::exec::blocking(move || {
             node.release_device(&n2)?;
             r2.stop_for_handover()
         })
@@ -660,7 +672,7 @@ impl Node {
         .await;
         let me = Arc::clone(self);
         let n2 = name.to_string();
-        tokio::task::spawn_blocking(move || me.auto_device(&n2))
+        crate::exec::blocking(move || me.auto_device(&n2))
             .await
             .unwrap_or_default()
     }
@@ -709,7 +721,7 @@ impl Node {
             Steer::PauseReplay => {
                 // Wait for a batch being applied right now.
                 let r = Arc::clone(&res);
-                let _ = tokio::task::spawn_blocking(move || drop(r.apply_lock.lock())).await;
+                let _ = crate::exec::blocking(move || drop(r.apply_lock.lock())).await;
             }
             Steer::ResumeReplay => {}
         }
@@ -756,7 +768,20 @@ impl Node {
         let (res, p) = (Arc::clone(res), p.clone());
         let name = res.name().to_string();
         let node = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
+        crate::exec::blocking(move || {
+            if deposed && let Some(fork) = fork {
+                // It holds records past the fork already: split brain, said
+                // before its role turns secondary (stopping the logger may
+                // take a while), so that it never shows as a consistent
+                // secondary meanwhile (sim_cluster seeds 274, 382).
+                if let Err(e) = res.update_meta(|m| {
+                    m.split_brain = true;
+                    m.divergent_bytes = end - fork;
+                    m.disk_state = resource::DiskState::Outdated;
+                }) {
+                    tracing::error!(resource = %name, error = %e, "recording the split brain failed");
+                }
+            }
             let result = if deposed {
                 tracing::warn!(resource = %name, new_primary = %p.node, generation = p.generation, "a newer primary exists: this node stops taking writes");
                 // Its device goes unless something holds it (then its I/O fails
@@ -830,7 +855,7 @@ impl Node {
             .primary_of(name)
             .map_or(meta.generation, |p| p.generation.max(meta.generation));
         let r2 = Arc::clone(&res);
-        let (end, generation) = tokio::task::spawn_blocking(move || {
+        let (end, generation) = crate::exec::blocking(move || {
             let end = r2.apply_everything_fetched()?;
             r2.make_primary(known + 1)?;
             Ok::<_, Error>((end, r2.meta().generation))
@@ -875,7 +900,7 @@ impl Node {
         let (join, _, lineage) = self.sync_start(name, &p.node, &addr).await?;
         let start_pos = join.start_pos;
         let r2 = Arc::clone(&res);
-        tokio::task::spawn_blocking(move || {
+        crate::exec::blocking(move || {
             r2.reset_for_full_sync(join)?;
             r2.store().adopt_lineage(lineage);
             Ok::<_, Error>(())
@@ -898,8 +923,12 @@ impl Node {
 
 impl Node {
     /// Starts the fetcher and applier of a secondary unless they run.
+    /// If a role change holds the runtime now, the reconcile loop starts it
+    /// later.
     fn ensure_secondary_runtime(&self, res: &Arc<Resource>) {
-        let mut rt = res.secondary.lock().expect("secondary lock");
+        let Some(mut rt) = try_lock(&res.secondary) else {
+            return;
+        };
         if rt.is_none() && !res.retired.load(Ordering::Acquire) && res.logger().is_none() {
             *rt = Some(secondary::Runtime::start(
                 Arc::clone(res),

@@ -1,5 +1,5 @@
 //! Group commit: writers that need the log durable (FLUSH, FUA) register a
-//! target position and wait; one syncer thread takes every waiter
+//! target position and wait; one syncer (a worker, see `exec.rs`) takes every waiter
 //! registered so far, makes the log durable up to at least what was
 //! appended when it started, and answers them all with one fdatasync.
 //!
@@ -10,10 +10,12 @@
 //! explore its interleavings (`cargo test --features shuttle group_commit`).
 
 #[cfg(not(feature = "shuttle"))]
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 #[cfg(feature = "shuttle")]
-use shuttle::sync::{Condvar, Mutex};
+use shuttle::sync::Mutex;
+
+use tokio::sync::Notify;
 
 struct State<R> {
     /// (target position, how to answer), in the order registered.
@@ -26,7 +28,9 @@ struct State<R> {
 /// The waiters and the syncer's wake-up; `R` answers one waiter.
 pub(crate) struct GroupCommit<R> {
     state: Mutex<State<R>>,
-    cv: Condvar,
+    /// Wakes the syncer (the only waiter; a wake-up before it waits is
+    /// kept as a permit, so none is lost).
+    wake: Notify,
 }
 
 impl<R> GroupCommit<R> {
@@ -37,7 +41,7 @@ impl<R> GroupCommit<R> {
                 wanted: false,
                 stop: false,
             }),
-            cv: Condvar::new(),
+            wake: Notify::new(),
         }
     }
 
@@ -48,7 +52,7 @@ impl<R> GroupCommit<R> {
         let before = s.waiters.len();
         s.waiters.extend(waiters);
         if s.waiters.len() > before {
-            self.cv.notify_one();
+            self.wake.notify_one();
         }
     }
 
@@ -56,36 +60,40 @@ impl<R> GroupCommit<R> {
     pub fn want_sync(&self) {
         let mut s = self.state.lock().expect("group commit lock");
         s.wanted = true;
-        self.cv.notify_one();
+        self.wake.notify_one();
     }
 
     /// Ends [`GroupCommit::run`] once every waiter registered is answered.
     pub fn stop(&self) {
         let mut s = self.state.lock().expect("group commit lock");
         s.stop = true;
-        self.cv.notify_all();
+        self.wake.notify_one();
     }
 
     /// The syncer. `sync` makes the log durable up to at least what is
     /// appended when it is called and returns that position; `answer`
     /// answers the waiters of one sync with its outcome. Returns after
     /// [`GroupCommit::stop`] once no waiter is left.
-    pub fn run<E>(
+    pub async fn run<E>(
         &self,
         mut sync: impl FnMut() -> Result<u64, E>,
         mut answer: impl FnMut(Vec<R>, Result<(), &E>),
     ) {
         loop {
-            let waiters = {
+            let taken = {
                 let mut s = self.state.lock().expect("group commit lock");
-                while s.waiters.is_empty() && !s.wanted && !s.stop {
-                    s = self.cv.wait(s).expect("group commit lock");
-                }
-                if s.stop && s.waiters.is_empty() {
+                if s.waiters.is_empty() && !s.wanted && !s.stop {
+                    None
+                } else if s.stop && s.waiters.is_empty() {
                     return;
+                } else {
+                    s.wanted = false;
+                    Some(std::mem::take(&mut s.waiters))
                 }
-                s.wanted = false;
-                std::mem::take(&mut s.waiters)
+            };
+            let Some(waiters) = taken else {
+                self.wake.notified().await;
+                continue;
             };
             // Only now: every waiter taken registered before this point.
             let result = sync();
@@ -118,7 +126,7 @@ mod tests {
             let (gc, appended, durable) = (gc.clone(), appended.clone(), durable.clone());
             thread::spawn(move || {
                 let mut syncs = 0;
-                gc.run(
+                shuttle::future::block_on(gc.run(
                     || {
                         syncs += 1;
                         if Some(syncs) == failing_sync {
@@ -133,7 +141,7 @@ mod tests {
                             let _ = reply.send(r.is_ok());
                         }
                     },
-                )
+                ))
             })
         };
         let writers: Vec<_> = (0..2)

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod cluster_ops;
 pub mod control;
 pub mod devices;
+pub mod exec;
 pub mod frontend;
 mod group_commit;
 mod held;

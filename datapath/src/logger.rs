@@ -5,20 +5,21 @@
 //! started (group commit). Completed writes are visible to reads through the
 //! overlay until writeback has put them on the backing device.
 //!
-//! Threads: one logger thread appends (it alone owns the [`Appender`]); one
-//! syncer thread runs fdatasync so that appends go on during a sync; one
-//! writeback thread (see `writeback.rs`). Async callers talk to them through
-//! channels and oneshots.
+//! Workers (`exec::spawn_worker`: each on its own thread in marsd, tasks in
+//! a simulation): the logger appends (it alone owns the [`Appender`]); the
+//! syncer runs fdatasync so that appends go on during a sync; writeback
+//! (see `writeback.rs`). Async callers talk to them through channels and
+//! oneshots.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use crate::exec::Worker;
 use crate::group_commit::GroupCommit;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -146,7 +147,7 @@ pub(crate) enum LogReq {
 /// Requests for one logger held back on this thread.
 pub(crate) struct Held {
     logger: *const Logger,
-    tx: mpsc::Sender<LogReq>,
+    tx: mpsc::UnboundedSender<LogReq>,
     shared: Arc<Shared>,
     reqs: Vec<LogReq>,
 }
@@ -162,7 +163,9 @@ thread_local! {
 pub(crate) fn hold_sends() -> crate::held::Guard<Held> {
     crate::held::hold(&HELD_SENDS, |held| {
         for h in held {
-            if let Err(mpsc::SendError(LogReq::Batch(reqs))) = h.tx.send(LogReq::Batch(h.reqs)) {
+            if let Err(mpsc::error::SendError(LogReq::Batch(reqs))) =
+                h.tx.send(LogReq::Batch(h.reqs))
+            {
                 // The logger ended meanwhile: the writers see their reply
                 // channel dropped (shutting down); return their quota.
                 for r in reqs {
@@ -201,7 +204,7 @@ struct Active {
 pub(crate) struct WbState {
     pub queue: VecDeque<Pending>,
     /// Stop once the queue is empty, or at the deadline.
-    pub stop: Option<Instant>,
+    pub stop: Option<tokio::time::Instant>,
 }
 
 /// State shared by the logger's threads and its async callers.
@@ -219,7 +222,9 @@ pub(crate) struct Shared {
     group: GroupCommit<SyncReply>,
     active: Mutex<Active>,
     pub wb: Mutex<WbState>,
-    pub wb_cv: Condvar,
+    /// Wakes writeback (its only waiter) after a change of `wb` or of the
+    /// durable position.
+    pub wb_wake: tokio::sync::Notify,
     /// Set after an fdatasync of the log failed: the page cache may have
     /// dropped completed writes, so nothing more is accepted.
     failed: AtomicBool,
@@ -318,8 +323,8 @@ impl Shared {
 /// The logger of one primary resource.
 pub struct Logger {
     shared: Arc<Shared>,
-    tx: Mutex<Option<mpsc::Sender<LogReq>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<LogReq>>>,
+    threads: Mutex<Vec<Worker>>,
 }
 
 /// Where the log stands when a logger starts.
@@ -334,7 +339,7 @@ pub struct StartPoint {
 }
 
 impl Logger {
-    /// Starts the logger threads. The device must already hold everything up
+    /// Starts the logger's workers. The device must already hold everything up
     /// to `start.end_pos` (recovery replays the log first).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
@@ -395,7 +400,7 @@ impl Logger {
                 queue: VecDeque::new(),
                 stop: None,
             }),
-            wb_cv: Condvar::new(),
+            wb_wake: tokio::sync::Notify::new(),
             failed: AtomicBool::new(false),
             device_failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -406,27 +411,16 @@ impl Logger {
             claims: Mutex::new(VecDeque::new()),
             cfg,
         });
-        let (tx, rx) = mpsc::channel();
-        let name = shared.cfg.resource.clone();
-        let spawn = |what: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(format!("{what}-{name}"))
-                .spawn(f)
-                .expect("spawn thread")
-        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let name = &shared.cfg.resource;
+        use crate::exec::spawn_worker as spawn;
         let threads = vec![
-            {
-                let s = Arc::clone(&shared);
-                spawn("log", Box::new(move || log_loop(s, rx, appender, file_seq)))
-            },
-            {
-                let s = Arc::clone(&shared);
-                spawn("sync", Box::new(move || sync_loop(s)))
-            },
-            {
-                let s = Arc::clone(&shared);
-                spawn("wb", Box::new(move || writeback::run(s)))
-            },
+            spawn(
+                format!("log-{name}"),
+                log_loop(Arc::clone(&shared), rx, appender, file_seq),
+            ),
+            spawn(format!("sync-{name}"), sync_loop(Arc::clone(&shared))),
+            spawn(format!("wb-{name}"), writeback::run(Arc::clone(&shared))),
         ];
         Ok(Arc::new(Logger {
             shared,
@@ -483,7 +477,7 @@ impl Logger {
 
     /// Keeps `req` back if this thread holds its sends (see [`hold_sends`]);
     /// else gives it back.
-    fn hold(&self, tx: &mpsc::Sender<LogReq>, req: LogReq) -> Option<LogReq> {
+    fn hold(&self, tx: &mpsc::UnboundedSender<LogReq>, req: LogReq) -> Option<LogReq> {
         let mut req = Some(req);
         crate::held::with_held(&HELD_SENDS, |held| {
             let me: *const Logger = self;
@@ -591,9 +585,12 @@ impl Logger {
     }
 
     /// Stops taking I/O, makes the log durable and writes back what it can
-    /// before `deadline` (everything if `None`). What is not written back
-    /// stays in the log for the next start. Blocking: call from a blocking context.
-    pub fn stop(&self, deadline: Option<Instant>) {
+    /// in the time `left` (everything if `None`; time as the workers see it,
+    /// simulated in a simulation). What is not written back stays in the
+    /// log for the next start. Blocking: call from a blocking context
+    /// (`exec::blocking`).
+    pub fn stop(&self, left: Option<Duration>) {
+        let left = left.unwrap_or(Duration::from_secs(365 * 86400));
         self.shared.closed.store(true, Ordering::Release);
         // Writers waiting for overlay space give up instead of waiting forever.
         self.shared.budget.close();
@@ -601,13 +598,12 @@ impl Logger {
         self.tx.lock().expect("tx lock").take();
         {
             let mut wb = self.shared.wb.lock().expect("wb lock");
-            wb.stop =
-                Some(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400)));
-            self.shared.wb_cv.notify_all();
+            wb.stop = Some(tokio::time::Instant::now() + left);
+            self.shared.wb_wake.notify_one();
         }
         let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
         for t in threads {
-            let _ = t.join();
+            t.join();
         }
     }
 
@@ -635,7 +631,7 @@ impl BlockIo for Logger {
         if covered < len as u64 {
             let backing = Arc::clone(&self.shared.backing);
             let shared = Arc::clone(&self.shared);
-            buf = tokio::task::spawn_blocking(move || {
+            buf = crate::exec::io(move || {
                 backing
                     .read_exact_or_zero(&mut buf, offset)
                     .map(|_| buf)
@@ -676,10 +672,7 @@ impl BlockIo for Logger {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    crate::exec::unix_now().as_nanos() as u64
 }
 
 /// A write being turned into records.
@@ -691,9 +684,9 @@ struct Staged {
     reply: oneshot::Sender<Result<(), IoError>>,
 }
 
-fn log_loop(
+async fn log_loop(
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<LogReq>,
+    mut rx: mpsc::UnboundedReceiver<LogReq>,
     mut appender: Appender,
     mut file_seq: u64,
 ) {
@@ -703,7 +696,7 @@ fn log_loop(
         LogReq::Batch(batch) => reqs.extend(batch),
         r => reqs.push(r),
     };
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.recv().await {
         let mut reqs = Vec::new();
         push(&mut reqs, first);
         while reqs.len() < 512 {
@@ -771,7 +764,7 @@ fn log_loop(
     }
     shared.log_done.store(true, Ordering::Release);
     shared.group.stop();
-    shared.wb_cv.notify_all();
+    shared.wb_wake.notify_one();
 }
 
 /// Turns a request into records of at most `MAX_PAYLOAD` bytes (sequence
@@ -969,7 +962,7 @@ fn commit(
             }
         }
         if wake_writeback {
-            shared.wb_cv.notify_all();
+            shared.wb_wake.notify_one();
         }
     }
     drop(held_kicks);
@@ -1001,33 +994,36 @@ fn rotate(shared: &Shared, appender: &mut Appender, file_seq: &mut u64) -> Resul
     *appender = next;
     *file_seq += 1;
     shared.active.lock().expect("active lock").file = Arc::clone(appender.file());
-    shared.wb_cv.notify_all();
+    shared.wb_wake.notify_one();
     Ok(())
 }
 
-/// The syncer thread (see group_commit.rs).
-fn sync_loop(shared: Arc<Shared>) {
-    shared.group.run(
-        || {
-            let (file, target) = {
-                let a = shared.active.lock().expect("active lock");
-                (Arc::clone(&a.file), a.appended)
-            };
-            if target > shared.flushed() {
-                shared.sync_log(|| file.sync_data())?;
-            }
-            shared.synced_to(target);
-            shared.wb_cv.notify_all();
-            Ok(target)
-        },
-        |replies, r| {
-            // One wakeup per ublk queue for all the writes answered here.
-            let _held_kicks = crate::frontend::ublk::hold_kicks();
-            for reply in replies {
-                let _ = reply.send(r.map_err(|e| shared.io_err(clone_io(e))));
-            }
-        },
-    );
+/// The syncer (see group_commit.rs).
+async fn sync_loop(shared: Arc<Shared>) {
+    shared
+        .group
+        .run(
+            || {
+                let (file, target) = {
+                    let a = shared.active.lock().expect("active lock");
+                    (Arc::clone(&a.file), a.appended)
+                };
+                if target > shared.flushed() {
+                    shared.sync_log(|| file.sync_data())?;
+                }
+                shared.synced_to(target);
+                shared.wb_wake.notify_one();
+                Ok(target)
+            },
+            |replies, r| {
+                // One wakeup per ublk queue for all the writes answered here.
+                let _held_kicks = crate::frontend::ublk::hold_kicks();
+                for reply in replies {
+                    let _ = reply.send(r.map_err(|e| shared.io_err(clone_io(e))));
+                }
+            },
+        )
+        .await;
 }
 
 /// An io::Error for each waiter of a failed operation, keeping the errno.

@@ -515,10 +515,7 @@ impl Node {
             .map(|(_, i)| i.fetched)
             .unwrap_or(0)
             .max(if primary_here { flushed } else { 0 });
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let now = crate::exec::unix_now().as_secs_f64();
         let progress = r
             .sync_progress
             .lock()

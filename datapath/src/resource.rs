@@ -226,11 +226,11 @@ pub struct Resource {
     pub(crate) secondary: Mutex<Option<crate::secondary::Runtime>>,
     /// Log positions promised to replicas that are starting a full sync,
     /// until their own entry reaches us: logfiles from there on are kept.
-    pins: Mutex<Vec<(String, u64, Instant)>>,
+    pins: Mutex<Vec<(String, u64, tokio::time::Instant)>>,
     /// Why replication of this resource is degraded right now, for `view`.
     pub(crate) repl_error: Mutex<Option<String>>,
     /// Full sync progress: bytes done, total bytes, start time.
-    pub(crate) sync_progress: Mutex<Option<(u64, u64, Instant)>>,
+    pub(crate) sync_progress: Mutex<Option<(u64, u64, tokio::time::Instant)>>,
     /// Held by the applier while it writes to the device, so that
     /// pause-replay returns only once nothing more is written.
     pub(crate) apply_lock: Mutex<()>,
@@ -591,7 +591,7 @@ impl Resource {
     pub(crate) fn pin(&self, node: &str, pos: u64) {
         let mut pins = self.pins.lock().expect("pins lock");
         pins.retain(|(n, _, t)| n != node && t.elapsed() < PIN_TIME);
-        pins.push((node.to_string(), pos, Instant::now()));
+        pins.push((node.to_string(), pos, tokio::time::Instant::now()));
     }
 
     /// Drops the pin of a replica that was given up.
@@ -893,7 +893,7 @@ impl Resource {
             // written back yet is replayed by this node's applier as a
             // secondary (from the same persisted position), so a large
             // backlog does not hold the handover up.
-            l.stop(Some(Instant::now() + HANDOVER_WRITEBACK));
+            l.stop(Some(HANDOVER_WRITEBACK));
         }
         Ok(())
     }
@@ -909,7 +909,7 @@ impl Resource {
         }
         let logger = self.state.lock().expect("state lock").logger.take();
         if let Some(l) = logger {
-            l.stop(Some(deadline));
+            l.stop(Some(deadline.saturating_duration_since(Instant::now())));
         }
     }
 

@@ -5,12 +5,14 @@
 //! primary's device at some earlier log position.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep};
 
 use crate::applicator::{Applicator, Persister, Position};
 use crate::cluster::Cluster;
+use crate::exec::Worker;
 use crate::log::format::{self, RECORD_HEADER_LEN};
 use crate::log::reader::FIRST_RECORD;
 use crate::replication::{fetcher, fullsync};
@@ -19,7 +21,7 @@ use crate::resource::{DiskState, Resource};
 /// The tasks of one secondary resource.
 pub struct Runtime {
     stop: Arc<AtomicBool>,
-    applier: Option<JoinHandle<()>>,
+    applier: Option<Worker>,
     fetcher: Option<tokio::task::JoinHandle<()>>,
     fullsync: Option<tokio::task::JoinHandle<()>>,
 }
@@ -34,13 +36,10 @@ impl Runtime {
             .sync
             .is_some_and(|s| s.target.is_none())
             .then(|| tokio::spawn(fullsync::run(Arc::clone(&res), Arc::clone(&cluster))));
-        let applier = {
-            let (res, stop, cluster) = (Arc::clone(&res), Arc::clone(&stop), Arc::clone(&cluster));
-            std::thread::Builder::new()
-                .name(format!("apply-{}", res.name()))
-                .spawn(move || apply_loop(res, stop, cluster))
-                .expect("spawn applier")
-        };
+        let applier = crate::exec::spawn_worker(
+            format!("apply-{}", res.name()),
+            apply_loop(Arc::clone(&res), Arc::clone(&stop), Arc::clone(&cluster)),
+        );
         let mut rt = Runtime {
             stop,
             applier: Some(applier),
@@ -82,7 +81,10 @@ impl Runtime {
         for t in &tasks {
             t.abort();
         }
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
+        if crate::exec::simulated() {
+            // (Aborted tasks end at their next poll.)
+            crate::exec::park_until(move || tasks.iter().all(|t| t.is_finished()));
+        } else if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.block_on(async {
                 for t in tasks {
                     let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -99,7 +101,7 @@ impl Runtime {
         }
         self.stop.store(true, Ordering::Release);
         if let Some(a) = self.applier.take() {
-            let _ = a.join();
+            a.join();
         }
     }
 }
@@ -114,7 +116,8 @@ const APPLY_RECORDS: usize = 256;
 #[derive(Default)]
 struct Handoff {
     state: Mutex<HandoffState>,
-    cv: Condvar,
+    /// Wakes the persister (the only waiter; kept as a permit).
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -126,35 +129,39 @@ struct HandoffState {
 impl Handoff {
     fn offer(&self, pos: Position) {
         self.state.lock().expect("handoff lock").pending = Some(pos);
-        self.cv.notify_one();
+        self.wake.notify_one();
     }
 
     /// The next position to persist; `None` once stopped and drained.
-    fn take(&self) -> Option<Position> {
-        let mut st = self.state.lock().expect("handoff lock");
-        while st.pending.is_none() && !st.stop {
-            st = self.cv.wait(st).expect("handoff lock");
+    async fn take(&self) -> Option<Position> {
+        loop {
+            {
+                let mut st = self.state.lock().expect("handoff lock");
+                if st.pending.is_some() || st.stop {
+                    return st.pending.take();
+                }
+            }
+            self.wake.notified().await;
         }
-        st.pending.take()
     }
 
     fn stop(&self) {
         self.state.lock().expect("handoff lock").stop = true;
-        self.cv.notify_one();
+        self.wake.notify_one();
     }
 }
 
 /// Persists what the applier has written (device sync, then the position
 /// file), beside it, so that applying goes on during a sync. Only then
 /// does `written_back` (the replica's `applied`) move and logfiles go.
-fn persist_loop(
+async fn persist_loop(
     res: Arc<Resource>,
     persister: Persister,
     handoff: Arc<Handoff>,
     cluster: Arc<Cluster>,
 ) {
     let name = res.name().to_string();
-    while let Some(pos) = handoff.take() {
+    while let Some(pos) = handoff.take().await {
         let t = Instant::now();
         match persister.persist(pos) {
             Ok(()) => {
@@ -176,7 +183,7 @@ fn persist_loop(
             Err(e) => {
                 tracing::error!(resource = %name, pos = pos.pos, error = %e, "persisting the applied position failed; retrying");
                 *res.repl_error.lock().expect("error lock") = Some(format!("apply: {e}"));
-                std::thread::sleep(Duration::from_secs(1));
+                sleep(Duration::from_secs(1)).await;
                 // Retry unless a newer position arrived meanwhile, or the
                 // applier stopped: a failed device sync fails every persist
                 // until a restart, and a retry after the stop would keep
@@ -191,7 +198,7 @@ fn persist_loop(
     }
 }
 
-fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) {
+async fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) {
     let name = res.name().to_string();
     let start = Position::load(&**res.storage(), &res.position_path())
         .ok()
@@ -212,10 +219,10 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
     let persister = {
         let (res, p, h) = (Arc::clone(&res), app.persister(), Arc::clone(&handoff));
         let cluster = Arc::clone(&cluster);
-        std::thread::Builder::new()
-            .name(format!("persist-{}", res.name()))
-            .spawn(move || persist_loop(res, p, h, cluster))
-            .expect("spawn persister")
+        crate::exec::spawn_worker(
+            format!("persist-{}", res.name()),
+            persist_loop(res, p, h, cluster),
+        )
     };
     let mut handed = start.pos;
     let mut last_handoff = Instant::now();
@@ -264,32 +271,41 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
                 Ok(()) => floor = flushed,
                 Err(e) => {
                     tracing::error!(resource = %name, error = %e, "persisting the durable floor of the local log failed; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
+                    sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             }
         }
         let limit = flushed.min(floor);
         if copying || meta.replay_paused || limit <= applied.pos || res.store().files().is_empty() {
-            std::thread::sleep(Duration::from_millis(10));
+            sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let _applying = res.apply_lock.lock().expect("apply lock");
-        if res.meta().replay_paused {
-            continue;
-        }
-        let t = Instant::now();
-        match app.apply_records(limit, APPLY_RECORDS) {
-            Ok(0) => std::thread::sleep(Duration::from_millis(10)),
-            Ok(n) => {
-                tracing::debug!(resource = %name, records = n, pos = app.applied().pos, limit, us = t.elapsed().as_micros() as u64, "applied");
-                res.repl_error.lock().expect("error lock").take();
+        let nap = {
+            let _applying = res.apply_lock.lock().expect("apply lock");
+            if res.meta().replay_paused {
+                continue;
             }
-            Err(e) => {
-                tracing::error!(resource = %name, error = %e, "applying the log failed; retrying");
-                *res.repl_error.lock().expect("error lock") = Some(format!("apply: {e}"));
-                std::thread::sleep(Duration::from_secs(1));
+            let t = Instant::now();
+            match app.apply_records(limit, APPLY_RECORDS) {
+                Ok(0) => Some(Duration::from_millis(10)),
+                Ok(n) => {
+                    tracing::debug!(resource = %name, records = n, pos = app.applied().pos, limit, us = t.elapsed().as_micros() as u64, "applied");
+                    res.repl_error.lock().expect("error lock").take();
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(resource = %name, error = %e, "applying the log failed; retrying");
+                    *res.repl_error.lock().expect("error lock") = Some(format!("apply: {e}"));
+                    Some(Duration::from_secs(1))
+                }
             }
+        };
+        if let Some(nap) = nap {
+            sleep(nap).await;
+        } else if crate::exec::simulated() {
+            // A task must yield between batches (a thread need not).
+            tokio::task::yield_now().await;
         }
     }
     // Whatever was applied gets persisted before the runtime counts as
@@ -298,7 +314,7 @@ fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) 
         handoff.offer(app.applied());
     }
     handoff.stop();
-    let _ = persister.join();
+    persister.wait().await;
 }
 
 /// When the primary logged the record at `pos` of the local log (unix
@@ -397,7 +413,12 @@ mod tests {
         let (done_tx, done) = std::sync::mpsc::channel();
         let (p, h) = (app.persister(), Arc::clone(&handoff));
         std::thread::spawn(move || {
-            persist_loop(res, p, h, cluster);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+                .block_on(persist_loop(res, p, h, cluster));
             let _ = done_tx.send(());
         });
         assert!(

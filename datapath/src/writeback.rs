@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::applicator::{KnownSize, Position, apply_record};
 use crate::logger::{Pending, Shared};
@@ -24,7 +26,7 @@ const BATCH_BYTES: u64 = 16 << 20;
 /// How long logged records may wait before writeback asks for a log sync.
 const SYNC_DELAY: Duration = Duration::from_millis(20);
 
-pub(crate) fn run(shared: Arc<Shared>) {
+pub(crate) async fn run(shared: Arc<Shared>) {
     let resource = shared.cfg.resource.clone();
     let mut written = Position {
         pos: shared.counters.written_back.load(Ordering::Acquire),
@@ -34,83 +36,36 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut last_persist = Instant::now();
     // Since when writeback has been waiting for the log to become durable.
     let mut waiting_since: Option<Instant> = None;
-    let overlay_pressure = shared.cfg.overlay_limit / 4;
     let mut size = KnownSize::default();
     loop {
-        let batch = {
-            let mut wb = shared.wb.lock().expect("wb lock");
-            loop {
-                let vouched = shared.vouched();
-                let ready = wb.queue.front().is_some_and(|p| p.end() <= vouched);
-                if ready {
-                    waiting_since = None;
-                    break;
+        let batch = loop {
+            let next = next_step(
+                &shared,
+                &mut waiting_since,
+                written.pos > persisted && last_persist.elapsed() >= PERSIST_INTERVAL,
+            );
+            match next {
+                Next::Batch(b) => break b,
+                Next::Nap(nap) => {
+                    // Woken by a notification since the last look (kept as
+                    // a permit), or when the nap is over.
+                    let _ = tokio::time::timeout(nap, shared.wb_wake.notified()).await;
                 }
-                if let Some(deadline) = wb.stop {
-                    let logger_done = shared.log_done.load(Ordering::Acquire);
-                    if (wb.queue.is_empty() && logger_done) || Instant::now() >= deadline {
-                        drop(wb);
-                        persist(&shared, &mut written, &mut persisted, &resource);
-                        if !shared.wb.lock().expect("wb lock").queue.is_empty() {
-                            tracing::warn!(%resource, pos = written.pos, "shutdown deadline reached: the rest stays in the log for the next start");
-                        }
-                        return;
+                Next::Vouch(flushed) => vouch_with_floor(&shared, flushed, &resource).await,
+                Next::Stop => {
+                    persist(&shared, &mut written, &mut persisted, &resource);
+                    if !shared.wb.lock().expect("wb lock").queue.is_empty() {
+                        tracing::warn!(%resource, pos = written.pos, "shutdown deadline reached: the rest stays in the log for the next start");
                     }
-                }
-                if !wb.queue.is_empty() {
-                    // Let writes accumulate a little so that one log sync
-                    // covers many (FLUSH/FUA sync anyway); hurry when the
-                    // overlay fills up.
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    let stopping = wb.stop.is_some();
-                    if stopping
-                        || since.elapsed() >= SYNC_DELAY
-                        || shared.counters.overlay_bytes.load(Ordering::Relaxed) >= overlay_pressure
-                    {
-                        let flushed = shared.flushed();
-                        let front_durable = wb.queue.front().is_some_and(|p| p.end() <= flushed);
-                        if shared.appended() > flushed && !stopping {
-                            // The next sync makes the front durable, or
-                            // makes durable a record that vouches for it.
-                            shared.want_sync();
-                        } else if front_durable {
-                            // Nothing newer will vouch for it (the log went
-                            // quiet, or is closing): the floor file does.
-                            drop(wb);
-                            vouch_with_floor(&shared, flushed, &resource);
-                            wb = shared.wb.lock().expect("wb lock");
-                            continue;
-                        }
-                    }
-                } else if written.pos > persisted && last_persist.elapsed() >= PERSIST_INTERVAL {
-                    break;
-                }
-                let nap = if wb.queue.is_empty() {
-                    Duration::from_millis(100)
-                } else {
-                    SYNC_DELAY
-                };
-                wb = shared.wb_cv.wait_timeout(wb, nap).expect("wb lock").0;
-            }
-            let vouched = shared.vouched();
-            let mut batch: Vec<Pending> = Vec::new();
-            let mut bytes = 0;
-            while batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
-                match wb.queue.front() {
-                    Some(p) if p.end() <= vouched => {
-                        bytes += p.record.header.encoded_len();
-                        batch.push(wb.queue.pop_front().expect("front exists"))
-                    }
-                    _ => break,
+                    return;
                 }
             }
-            batch
         };
         // Write the batch back, then drop what was written from the overlay
         // under one lock (reads meanwhile get the same bytes from it).
         let mut applied = 0;
         while applied < batch.len()
-            && apply_with_retry(&shared, &batch[applied], &resource, &mut size)
+            && apply_with_retry(&shared, &batch[applied], &resource, &mut size).await
         {
             applied += 1;
         }
@@ -150,21 +105,96 @@ pub(crate) fn run(shared: Arc<Shared>) {
     }
 }
 
+/// What writeback does next.
+enum Next {
+    /// Write back these records (none: only persist the position).
+    Batch(Vec<Pending>),
+    /// Wait for a notification, at most this long.
+    Nap(Duration),
+    /// Vouch for the durable position with the floor file.
+    Vouch(u64),
+    /// Stopping: persist and end.
+    Stop,
+}
+
+/// Looks at the queue once (under its lock; the caller waits outside it).
+fn next_step(shared: &Shared, waiting_since: &mut Option<Instant>, persist_due: bool) -> Next {
+    let overlay_pressure = shared.cfg.overlay_limit / 4;
+    let mut wb = shared.wb.lock().expect("wb lock");
+    let vouched = shared.vouched();
+    let ready = wb.queue.front().is_some_and(|p| p.end() <= vouched);
+    if !ready {
+        if let Some(deadline) = wb.stop {
+            let logger_done = shared.log_done.load(Ordering::Acquire);
+            if (wb.queue.is_empty() && logger_done) || Instant::now() >= deadline {
+                return Next::Stop;
+            }
+        }
+        if !wb.queue.is_empty() {
+            // Let writes accumulate a little so that one log sync covers
+            // many (FLUSH/FUA sync anyway); hurry when the overlay fills up.
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            let stopping = wb.stop.is_some();
+            if stopping
+                || since.elapsed() >= SYNC_DELAY
+                || shared.counters.overlay_bytes.load(Ordering::Relaxed) >= overlay_pressure
+            {
+                let flushed = shared.flushed();
+                let front_durable = wb.queue.front().is_some_and(|p| p.end() <= flushed);
+                if shared.appended() > flushed && !stopping {
+                    // The next sync makes the front durable, or makes
+                    // durable a record that vouches for it.
+                    shared.want_sync();
+                } else if front_durable {
+                    // Nothing newer will vouch for it (the log went quiet,
+                    // or is closing): the floor file does.
+                    return Next::Vouch(flushed);
+                }
+            }
+        } else if persist_due {
+            return Next::Batch(Vec::new());
+        }
+        return Next::Nap(if wb.queue.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            SYNC_DELAY
+        });
+    }
+    *waiting_since = None;
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut bytes = 0;
+    while batch.len() < BATCH_RECORDS && bytes < BATCH_BYTES {
+        match wb.queue.front() {
+            Some(p) if p.end() <= vouched => {
+                bytes += p.record.header.encoded_len();
+                batch.push(wb.queue.pop_front().expect("front exists"))
+            }
+            _ => break,
+        }
+    }
+    Next::Batch(batch)
+}
+
 /// Persists that the log is durable up to `flushed` (the durable floor
 /// file), so that writeback may pass what records vouch for.
-fn vouch_with_floor(shared: &Shared, flushed: u64, resource: &str) {
+async fn vouch_with_floor(shared: &Shared, flushed: u64, resource: &str) {
     match shared.store.persist_durable(flushed) {
         Ok(()) => shared.vouch(flushed),
         Err(e) => {
             tracing::error!(%resource, error = %e, "persisting the durable floor of the log failed; writeback waits");
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
 /// Writing back must not skip a record: on error, retry (the overlay keeps
 /// serving reads meanwhile) and report the error in `view`.
-fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str, size: &mut KnownSize) -> bool {
+async fn apply_with_retry(
+    shared: &Shared,
+    p: &Pending,
+    resource: &str,
+    size: &mut KnownSize,
+) -> bool {
     let mut delay = Duration::from_millis(100);
     loop {
         match apply_record(
@@ -188,7 +218,7 @@ fn apply_with_retry(shared: &Shared, p: &Pending, resource: &str, size: &mut Kno
                     // Leave it in the log: the next start replays it.
                     return false;
                 }
-                std::thread::sleep(delay);
+                tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }

@@ -50,15 +50,20 @@
 //! # Determinism
 //!
 //! The seed (`MARS_SEED`, printed with a replay command on failure) fixes
-//! the workload, the fault schedule, turmoil's network randomness and the
-//! simulated disks. It does not fix everything: the logger, writeback and
-//! applier of each node run on real threads, whose interleaving with the
-//! simulation is up to the OS, so a seed replays the same schedule but not
-//! always the same outcome. Simulated time is paced to run no faster than
-//! wall time (see `Cluster::step`), so that the nodes' timeouts (peer
-//! timeout 5 s, heartbeat 1 s) see those threads work at their real speed;
-//! a run takes as long in wall time as it simulates. `MARS_SIM_SECS` sets
-//! the length of the fault phase (default 20 simulated seconds).
+//! the whole run: the workload, the fault schedule, turmoil's network
+//! randomness, the simulated disks and the nodes' own scheduling. The
+//! nodes' workers (logger, syncer, writeback, applier, persister) run as
+//! tasks on their host's turmoil runtime and see simulated time, and their
+//! blocking sections (role changes) run one at a time while the simulation
+//! waits (`datapath::exec`, installed by `Cluster::new`, settled after each
+//! step). So simulated time runs as fast as the host can compute (about
+//! 20 simulated seconds in 1-3 s), and a seed replays bit for bit: every
+//! run hashes what it did (each write's outcome, flush, fault event and
+//! sample, with simulated times, and the final images) into a trace digest,
+//! and `a_seed_replays_the_same_run` runs one seed twice (5 simulated
+//! seconds of faults by default) and compares the digests.
+//! `MARS_SIM_SECS` sets the length of the fault phase (default 20
+//! simulated seconds).
 
 #[path = "support/tagged_block.rs"]
 #[allow(dead_code)]
@@ -171,7 +176,7 @@ impl Host {
                 // The previous incarnation's threads may still hold the lock.
                 Err(datapath::node::Error::Locked(_)) if tries < 100 => {
                     tries += 1;
-                    std::thread::sleep(Duration::from_millis(20));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(format!("{}: opening the node: {e}", self.name).into()),
             }
@@ -334,7 +339,13 @@ impl Oracle {
 }
 
 /// Writes tagged blocks to the primary `node` until `stop`.
-async fn writer(node: Arc<Node>, oracle: Arc<Mutex<Oracle>>, stop: Arc<AtomicBool>, seed: u64) {
+async fn writer(
+    node: Arc<Node>,
+    oracle: Arc<Mutex<Oracle>>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    trace: Arc<Mutex<Trace>>,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let Some(h) = node.resource(RES).ok().and_then(|r| r.open()) else {
         return;
@@ -359,6 +370,10 @@ async fn writer(node: Arc<Node>, oracle: Arc<Mutex<Oracle>>, stop: Arc<AtomicBoo
             // failed (maybe logged, maybe not).
             let mut o = oracle.lock().unwrap();
             let ok = r.is_ok() && !stop.load(Ordering::Acquire);
+            trace
+                .lock()
+                .unwrap()
+                .add(format!("write {id} block {block} fua {fua} ok {ok}"));
             // (Gone if a forced failover dropped it from the history.)
             if let Some(&i) = o.index.get(&id) {
                 o.writes[i].2 = if ok { State::Acked } else { State::Failed };
@@ -373,7 +388,12 @@ async fn writer(node: Arc<Node>, oracle: Arc<Mutex<Oracle>>, stop: Arc<AtomicBoo
         }
         if rng.random_bool(0.1) {
             let n = oracle.lock().unwrap().writes.len();
-            if h.flush().await.is_ok() {
+            let flushed = h.flush().await.is_ok();
+            trace
+                .lock()
+                .unwrap()
+                .add(format!("flush after {n} ok {flushed}"));
+            if flushed {
                 let mut o = oracle.lock().unwrap();
                 if !stop.load(Ordering::Acquire) {
                     o.durable = o.durable.max(n);
@@ -381,6 +401,43 @@ async fn writer(node: Arc<Node>, oracle: Arc<Mutex<Oracle>>, stop: Arc<AtomicBoo
             }
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..15))).await;
+    }
+}
+
+/// Log timestamps in simulated time.
+struct SimTimer;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTimer {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        // (Outside a host's tick, e.g. in a blocking section: none.)
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "[{:9.4} s]", t.as_secs_f64()),
+            None => write!(w, "[    -    ]"),
+        }
+    }
+}
+
+// ---- the trace ----
+
+/// A digest of what a run did, with simulated times: every write's
+/// outcome, flush, fault event and sample, and the final images. The same
+/// seed must give the same digest.
+struct Trace {
+    hasher: blake3::Hasher,
+    entries: u64,
+}
+
+impl Trace {
+    fn add(&mut self, what: String) {
+        let t = turmoil::sim_elapsed().unwrap_or_default();
+        self.add_at(t, what.as_bytes());
+    }
+
+    fn add_at(&mut self, t: Duration, what: &[u8]) {
+        self.entries += 1;
+        self.hasher.update(&(t.as_nanos() as u64).to_le_bytes());
+        self.hasher.update(&(what.len() as u64).to_le_bytes());
+        self.hasher.update(what);
     }
 }
 
@@ -407,7 +464,12 @@ struct Stats {
 
 struct Cluster<'a> {
     sim: turmoil::Sim<'a>,
+    /// Runs the nodes' workers as tasks and their blocking sections in
+    /// step with the simulation (`datapath::exec`).
+    exec: Arc<datapath::exec::Sim>,
+    trace: Arc<Mutex<Trace>>,
     hosts: Vec<Rc<Host>>,
+    /// Wall time, for the summary.
     started: Instant,
     oracle: Arc<Mutex<Oracle>>,
     primary: usize,
@@ -424,6 +486,7 @@ struct Cluster<'a> {
 
 impl Cluster<'_> {
     fn new(seed: u64) -> Self {
+        let exec = datapath::exec::Sim::install();
         let mut sim = turmoil::Builder::new()
             .simulation_duration(Duration::from_secs(24 * 3600))
             .tick_duration(Duration::from_millis(1))
@@ -454,6 +517,11 @@ impl Cluster<'_> {
         }
         Cluster {
             sim,
+            exec,
+            trace: Arc::new(Mutex::new(Trace {
+                hasher: blake3::Hasher::new(),
+                entries: 0,
+            })),
             hosts,
             started: Instant::now(),
             oracle: Default::default(),
@@ -467,14 +535,19 @@ impl Cluster<'_> {
         }
     }
 
-    /// One simulation tick, paced so that simulated time does not run
-    /// ahead of wall time: the nodes' threads work in wall time.
+    /// One simulation tick, then the blocking sections it started (role
+    /// changes), until they end or wait for the simulation.
     fn step(&mut self) {
         self.sim.step().expect("simulation failed");
-        let ahead = self.sim.elapsed().saturating_sub(self.started.elapsed());
-        if !ahead.is_zero() {
-            std::thread::sleep(ahead);
-        }
+        self.exec.set_time(self.sim.elapsed());
+        self.exec.settle();
+    }
+
+    fn trace(&self, what: String) {
+        self.trace
+            .lock()
+            .unwrap()
+            .add_at(self.sim.elapsed(), what.as_bytes());
     }
 
     fn run_for(&mut self, d: Duration) {
@@ -482,8 +555,8 @@ impl Cluster<'_> {
         while self.sim.elapsed() < until {
             self.step();
             // By simulated time, not by a draw from the seed's generator:
-            // how many steps a call takes depends on the nodes' threads,
-            // and the fault schedule must not.
+            // the sampling schedule does not depend on how many steps a
+            // call took.
             if self.sim.elapsed() >= self.next_sample {
                 self.next_sample = self.sim.elapsed() + SAMPLE_EVERY;
                 self.sample();
@@ -556,7 +629,8 @@ impl Cluster<'_> {
         self.writer_stop = Arc::clone(&stop);
         let oracle = Arc::clone(&self.oracle);
         let seed = self.rng.random();
-        let cmd: Cmd = Box::new(move |n| Box::pin(writer(n, oracle, stop, seed)));
+        let trace = Arc::clone(&self.trace);
+        let cmd: Cmd = Box::new(move |n| Box::pin(writer(n, oracle, stop, seed, trace)));
         if let Some(c) = self.hosts[self.primary].cmds.lock().unwrap().as_ref() {
             let _ = c.send(cmd);
         }
@@ -589,8 +663,12 @@ impl Cluster<'_> {
                 self.replaying.remove(&i);
             }
             self.stats.samples += 1;
-            if let Err(e) = self.oracle.lock().unwrap().prefix_of(&img) {
-                panic!("secondary {} is not a prefix state: {e}", h.name);
+            match self.oracle.lock().unwrap().prefix_of(&img) {
+                Ok(k) => self.trace.lock().unwrap().add_at(
+                    self.sim.elapsed(),
+                    format!("sample {} {k}", h.name).as_bytes(),
+                ),
+                Err(e) => panic!("secondary {} is not a prefix state: {e}", h.name),
             }
         }
     }
@@ -618,9 +696,11 @@ impl Cluster<'_> {
                 k >= want,
                 "{what}: the primary shows {k} writes of {want} acknowledged"
             );
+            // Same bytes, and each claims them (a joiner in full sync
+            // may show the primary's bytes before it has copied them).
             let same = (0..self.hosts.len())
                 .filter(|i| *i != self.primary)
-                .all(|i| self.hosts[i].image() == dev);
+                .all(|i| self.hosts[i].image() == dev && consistent(&self.hosts[i]));
             if same {
                 return;
             }
@@ -642,6 +722,12 @@ impl Cluster<'_> {
 
     /// Prints what the run does, for a failure's output.
     fn event(&self, what: String) {
+        // Messages may name paths under the hosts' (random) directories.
+        let mut same = what.clone();
+        for h in &self.hosts {
+            same = same.replace(&*h.dir.path().to_string_lossy(), h.name);
+        }
+        self.trace(same);
         let o = self.oracle.lock().unwrap();
         eprintln!(
             "[{:8.3} s] {what} (writes issued {}, flushed {})",
@@ -651,8 +737,8 @@ impl Cluster<'_> {
         );
     }
 
-    /// Stops host `h`: its tasks die with its runtime and its node's
-    /// threads are stopped. With `Some(mode)` the power goes: its disk is
+    /// Stops host `h`: its node is shut down (its workers stopped), then
+    /// its tasks die with its runtime. With `Some(mode)` the power goes: its disk is
     /// replaced by a crash image. With `None` only the process goes (an
     /// operator's restart of marsd): the disk keeps what it holds.
     fn stop_host(&mut self, h: usize, crash: Option<CrashMode>) {
@@ -664,7 +750,7 @@ impl Cluster<'_> {
             }
             crash.map(|mode| host.disk.lock().unwrap().crash(mode))
         };
-        // The old node's threads are stopped while its runtime still runs
+        // The old node's workers are stopped while its runtime still runs
         // (as marsd stops), cut off from its peers so that nothing it does
         // after the crash image reaches them.
         for o in NAMES {
@@ -672,17 +758,13 @@ impl Cluster<'_> {
                 self.sim.partition(host.name, o);
             }
         }
-        if let Some(old) = host.node.lock().unwrap().take() {
-            let t = std::thread::spawn(move || old.shutdown(Instant::now()));
-            let deadline = self.sim.elapsed() + Duration::from_secs(30);
-            while !t.is_finished() {
-                assert!(
-                    self.sim.elapsed() < deadline,
-                    "the shutdown of {} hangs",
-                    host.name
-                );
-                self.step();
-            }
+        if host.node.lock().unwrap().take().is_some() {
+            // As marsd stops: a blocking section (it waits for the workers).
+            self.call(h, "shutdown", |n| async move {
+                datapath::exec::blocking(move || n.shutdown(Instant::now()))
+                    .await
+                    .expect("shutdown")
+            });
         }
         self.sim.crash(host.name);
         host.cmds.lock().unwrap().take();
@@ -882,7 +964,7 @@ fn replicas_survive_loss_partitions_disk_faults_power_loss_and_handovers() {
     eprintln!(
         "sim_cluster seed {seed} (replay: MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster)"
     );
-    let result = std::panic::catch_unwind(|| run(seed));
+    let result = std::panic::catch_unwind(|| run(seed, fault_secs()));
     if let Err(e) = result {
         eprintln!(
             "FAILED with seed {seed}: replay with MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster"
@@ -891,7 +973,42 @@ fn replicas_survive_loss_partitions_disk_faults_power_loss_and_handovers() {
     }
 }
 
-fn run(seed: u64) {
+/// The same seed, twice in one process: the same trace, bit for bit.
+#[test]
+fn a_seed_replays_the_same_run() {
+    let seed = seed();
+    let secs = std::env::var("MARS_SIM_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    eprintln!(
+        "replay check, seed {seed} (replay: MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster a_seed_replays)"
+    );
+    let first = run(seed, secs);
+    let second = run(seed, secs);
+    assert_eq!(
+        first, second,
+        "seed {seed}: two runs of the same seed differ (MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster a_seed_replays)"
+    );
+}
+
+impl Drop for Cluster<'_> {
+    fn drop(&mut self) {
+        self.exec.close();
+    }
+}
+
+/// One run; returns its trace digest.
+fn run(seed: u64, fault_secs: f64) -> String {
+    // `MARS_SIM_LOG=debug` (an EnvFilter) prints the nodes' logs, with
+    // simulated times: a seed replays exactly, logs included.
+    if let Ok(filter) = std::env::var("MARS_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_timer(SimTimer)
+            .with_test_writer()
+            .try_init();
+    }
     let mut c = Cluster::new(seed);
     // Setup: a creates the resource, b and c join it.
     let backing = c.hosts[0].backing();
@@ -913,7 +1030,7 @@ fn run(seed: u64) {
     c.wait_up_to_date("joining");
     c.start_writer();
 
-    let end = c.sim.elapsed() + Duration::from_secs_f64(fault_secs());
+    let end = c.sim.elapsed() + Duration::from_secs_f64(fault_secs);
     while c.sim.elapsed() < end {
         let [x, y] = {
             let x = c.rng.random_range(0..3);
@@ -1005,10 +1122,19 @@ fn run(seed: u64) {
     for h in 0..c.hosts.len() {
         c.count_disk_faults(h);
     }
+    for h in &c.hosts {
+        c.trace(format!("image {}", h.name));
+        c.trace.lock().unwrap().hasher.update(&h.image());
+    }
+    c.trace(format!("stats {:?}", c.stats));
+    let (digest, entries) = {
+        let t = c.trace.lock().unwrap();
+        (t.hasher.finalize().to_hex().to_string(), t.entries)
+    };
     let o = c.oracle.lock().unwrap();
     let acked = o.writes.iter().filter(|w| w.2 == State::Acked).count();
     eprintln!(
-        "sim_cluster seed {seed}: {acked} writes acknowledged of {}, {} flushed, {:.1} s simulated in {:.1} s, faults: {:?}",
+        "sim_cluster seed {seed}: {acked} writes acknowledged of {}, {} flushed, {:.1} s simulated in {:.1} s, faults: {:?}, trace {digest} ({entries} entries)",
         o.writes.len(),
         o.durable,
         c.sim.elapsed().as_secs_f64(),
@@ -1016,4 +1142,5 @@ fn run(seed: u64) {
         c.stats
     );
     assert!(acked > 0, "the writer never got a write through");
+    digest
 }

@@ -564,11 +564,26 @@ impl LogStore {
                     RecordReader::new(Arc::clone(&file), FIRST_RECORD, Some(f.header.first_seq))
                         .map_err(Error::io(&f.path))?;
                 let mut end_seq = f.header.first_seq;
+                let mut kept_end = f.header.start_pos;
                 while let Some((off, rec)) = reader.next_record().map_err(Error::io(&f.path))? {
                     if f.header.start_pos + off - FIRST_RECORD >= pos {
                         break;
                     }
                     end_seq = rec.header.seq + 1;
+                    kept_end = f.header.start_pos + off - FIRST_RECORD + rec.header.encoded_len();
+                }
+                // A read that stops short (a damaged read ends the records
+                // like a torn tail) would leave `end_seq` short of the
+                // records kept, and every later append would be refused
+                // as out of sequence: cut nothing, the caller tries again.
+                if kept_end != pos {
+                    return Err(Error::Corruption {
+                        path: f.path.clone(),
+                        offset: kept_end - f.header.start_pos + FIRST_RECORD,
+                        what: format!(
+                            "records read only up to log position {kept_end}, short of the cut at {pos}; not cut"
+                        ),
+                    });
                 }
                 file.set_len(pos - f.header.start_pos + FIRST_RECORD)
                     .map_err(Error::io(&f.path))?;
@@ -1043,6 +1058,42 @@ mod tests {
             .iter()
             .map(|e| (e.generation, e.origin.as_str(), e.start_pos))
             .collect()
+    }
+
+    /// Found by `tests/sim_cluster.rs` (seed 155, before the simulation
+    /// was deterministic): a read fault while cutting a fetched copy back
+    /// ended the scan for the cut's sequence number early, so the copy
+    /// expected record 1976 where the primary sent 1978, for ever.
+    #[test]
+    fn a_cut_whose_scan_stops_short_cuts_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        let mut app = new_file(&store, 1, "a");
+        let mut ends = vec![app.end_pos()];
+        for seq in 2..=5 {
+            let r = record(seq, 100);
+            let mut buf = Vec::new();
+            encode_record(&r.header, &r.payload, &mut buf);
+            app.append(&buf, 1).unwrap();
+            ends.push(app.end_pos());
+        }
+        app.sync().unwrap();
+        store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+        // Damage record 2: reading stops after record 1.
+        let path = store.files()[0].path.clone();
+        let f = storage().open(&path, OpenMode::ReadWrite).unwrap();
+        f.write_all_at(&[0xff; 8], FIRST_RECORD + ends[0] + 40)
+            .unwrap();
+        let err = store.truncate_to(ends[2]).unwrap_err();
+        assert!(matches!(err, Error::Corruption { .. }), "{err}");
+        assert_eq!(store.end(), Some((ends[4], 6)), "nothing was cut");
+        // Readable again: the cut keeps records 1-3.
+        let r = record(2, 100);
+        let mut buf = Vec::new();
+        encode_record(&r.header, &r.payload, &mut buf);
+        f.write_all_at(&buf, FIRST_RECORD + ends[0]).unwrap();
+        store.truncate_to(ends[2]).unwrap();
+        assert_eq!(store.end(), Some((ends[2], 4)));
     }
 
     /// The lineage outlives the logfiles that told it, follows cuts, and

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's: simulated time in a simulation, else the real clock.
+use tokio::time::Instant;
 
 use super::proto::{self, Frame, Message, Purpose};
 use crate::cluster::{Cluster, PEER_TIMEOUT};
@@ -234,7 +237,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
 /// before it learns of it: the next one cuts the copy back first.
 struct CopySync {
     failed: Arc<std::sync::atomic::AtomicBool>,
-    running: Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    running: Option<(u64, crate::exec::Blocking<std::io::Result<()>>)>,
     last: Instant,
 }
 
@@ -283,7 +286,7 @@ impl CopySync {
         }
         let file = Arc::clone(a.file());
         let failed = Arc::clone(&self.failed);
-        let handle = tokio::task::spawn_blocking(move || {
+        let handle = crate::exec::io(move || {
             let r = file.sync_data();
             if r.is_err() {
                 failed.store(true, Ordering::Release);

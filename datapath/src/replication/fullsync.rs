@@ -9,7 +9,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's: simulated time in a simulation, else the real clock.
+use tokio::time::Instant;
 
 use super::proto::{self, Message, Purpose};
 use crate::cluster::Cluster;

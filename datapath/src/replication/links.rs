@@ -4,7 +4,7 @@
 //! them (on their links to us). Dropped links are redialled with a backoff
 //! capped at a few seconds.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use super::proto::{self, Message, Purpose};
 use crate::cluster::{Cluster, HEARTBEAT};
 
 pub async fn run(cluster: Arc<Cluster>) {
-    let mut links: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut links: BTreeMap<String, (String, tokio::task::JoinHandle<()>)> = BTreeMap::new();
     loop {
         let peers = cluster.peers();
         links.retain(|node, (addr, task)| {
@@ -28,7 +28,9 @@ pub async fn run(cluster: Arc<Cluster>) {
                 (addr, task)
             });
         }
+        // Biased: a fixed order of polls (a seed replays a simulation).
         tokio::select! {
+            biased;
             _ = tokio::time::sleep(HEARTBEAT) => {}
             _ = cluster.changed.notified() => {}
         }
@@ -68,7 +70,9 @@ async fn keep_link(cluster: &Arc<Cluster>, node: &str, addr: &str) -> proto::Res
                     "send stalled",
                 ))
             })??;
+        // Biased: a fixed order of polls (a seed replays a simulation).
         tokio::select! {
+            biased;
             _ = tokio::time::sleep(HEARTBEAT) => {}
             _ = cluster.changed.notified() => {}
         }

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's: simulated time in a simulation, else the real clock.
+use tokio::time::Instant;
 
 use tokio::task::JoinSet;
 
@@ -20,7 +23,9 @@ const SHIP_BYTES: usize = 1 << 20;
 pub async fn serve(mut listener: Box<dyn Listener>, node: Arc<Node>) {
     let mut conns = JoinSet::new();
     loop {
+        // Biased: a fixed order of polls (a seed replays a simulation).
         tokio::select! {
+            biased;
             accepted = listener.accept() => match accepted {
                 Ok((s, addr)) => {
                     let node = Arc::clone(&node);
