@@ -958,19 +958,42 @@ impl Cluster<'_> {
     }
 }
 
+/// How many seeds one test run tries: `MARS_SIM_RUNS` (default 20; a run
+/// of 20 simulated seconds takes about a second), or 1 with `MARS_SEED`.
+fn runs() -> u64 {
+    if std::env::var("MARS_SEED").is_ok() {
+        return 1;
+    }
+    std::env::var("MARS_SIM_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
+
+/// A campaign of `runs()` consecutive seeds from a random one (or the one
+/// `MARS_SEED` gives); a failure names its seed and how to replay it.
 #[test]
 fn replicas_survive_loss_partitions_disk_faults_power_loss_and_handovers() {
-    let seed = seed();
-    eprintln!(
-        "sim_cluster seed {seed} (replay: MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster)"
-    );
-    let result = std::panic::catch_unwind(|| run(seed, fault_secs()));
-    if let Err(e) = result {
+    let first = seed();
+    let runs = runs();
+    let started = Instant::now();
+    for seed in (0..runs).map(|i| first.wrapping_add(i)) {
         eprintln!(
-            "FAILED with seed {seed}: replay with MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster"
+            "sim_cluster seed {seed} (replay: MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster)"
         );
-        std::panic::resume_unwind(e);
+        let result = std::panic::catch_unwind(|| run(seed, fault_secs()));
+        if let Err(e) = result {
+            eprintln!(
+                "FAILED with seed {seed}: replay with MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster"
+            );
+            std::panic::resume_unwind(e);
+        }
     }
+    eprintln!(
+        "sim_cluster: {runs} seeds from {first}, {:.0} simulated s each, passed in {:.1} s",
+        fault_secs(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The same seed, twice in one process: the same trace, bit for bit.
