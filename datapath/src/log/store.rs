@@ -550,9 +550,19 @@ impl LogStore {
                 break;
             }
             if f.header.start_pos >= pos {
-                self.storage
-                    .remove_file(&f.path)
-                    .map_err(Error::io(&f.path))?;
+                match self.storage.remove_file(&f.path) {
+                    Ok(()) => {}
+                    // Removed by an earlier cut that failed further on.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(&f.path)(e)),
+                }
+                // Off the list at once: a cut that fails further on (at
+                // the file it truncates) leaves a list that matches the
+                // directory, and the next try does not stumble on it.
+                self.files
+                    .lock()
+                    .expect("log store lock")
+                    .retain(|l| l.file_seq != f.file_seq);
                 freed += f.end_pos - f.header.start_pos;
                 tracing::warn!(file = %f.path.display(), pos, "cutting the log back: deleted logfile");
             } else {
@@ -1088,6 +1098,52 @@ mod tests {
         assert!(matches!(err, Error::Corruption { .. }), "{err}");
         assert_eq!(store.end(), Some((ends[4], 6)), "nothing was cut");
         // Readable again: the cut keeps records 1-3.
+        let r = record(2, 100);
+        let mut buf = Vec::new();
+        encode_record(&r.header, &r.payload, &mut buf);
+        f.write_all_at(&buf, FIRST_RECORD + ends[0]).unwrap();
+        store.truncate_to(ends[2]).unwrap();
+        assert_eq!(store.end(), Some((ends[2], 4)));
+    }
+
+    /// Found by `tests/sim_cluster.rs` (seed 4235811102720142503): a cut
+    /// that deleted the newer logfiles and then failed at the file it was
+    /// to truncate (a read fault) left them on the store's list, so every
+    /// later try failed on the missing file ("no such file or directory")
+    /// and the replica never fetched again.
+    #[test]
+    fn a_cut_that_fails_after_deleting_newer_logfiles_can_be_tried_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        let mut app = new_file(&store, 1, "a");
+        let mut ends = vec![app.end_pos()];
+        for seq in 2..=4 {
+            let r = record(seq, 100);
+            let mut buf = Vec::new();
+            encode_record(&r.header, &r.payload, &mut buf);
+            app.append(&buf, 1).unwrap();
+            ends.push(app.end_pos());
+        }
+        app.sync().unwrap();
+        store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
+        let newer = new_file(&store, 1, "a");
+        let newer_end = newer.end_pos();
+        assert_eq!(store.files().len(), 2);
+        // Damage record 2 of the first file: its scan stops short.
+        let path = store.files()[0].path.clone();
+        let f = storage().open(&path, OpenMode::ReadWrite).unwrap();
+        f.write_all_at(&[0xff; 8], FIRST_RECORD + ends[0] + 40)
+            .unwrap();
+        let err = store.truncate_to(ends[2]).unwrap_err();
+        assert!(matches!(err, Error::Corruption { .. }), "{err}");
+        assert!(newer_end > ends[3]);
+        assert_eq!(
+            store.files().len(),
+            1,
+            "the deleted logfile is off the list"
+        );
+        assert_eq!(store.end(), Some((ends[3], 5)));
+        // Repaired, the same cut succeeds.
         let r = record(2, 100);
         let mut buf = Vec::new();
         encode_record(&r.header, &r.payload, &mut buf);
