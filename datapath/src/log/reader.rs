@@ -237,31 +237,10 @@ pub const FIRST_RECORD: u64 = FILE_HEADER_LEN as u64;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::format::{RecordHeader, RecordKind, encode_record};
+    use crate::log::format::encode_record;
+    use crate::log::store::tests::record;
     use crate::storage::{OpenMode, Storage, sim::SimStorage};
-    use bytes::Bytes;
     use proptest::prelude::*;
-
-    fn record(seq: u64, len: usize) -> Record {
-        let payload = Bytes::from(
-            (0..len)
-                .map(|i| (i as u64 * 131 + seq * 7) as u8)
-                .collect::<Vec<_>>(),
-        );
-        Record {
-            header: RecordHeader {
-                kind: RecordKind::Write,
-                unsynced: 0,
-                seq,
-                generation: 1,
-                offset: seq * 4096,
-                length: len as u64,
-                timestamp_ns: seq,
-                payload_len: len as u32,
-            },
-            payload,
-        }
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]

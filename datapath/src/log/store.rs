@@ -961,7 +961,7 @@ impl LogCursor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::log::format::{RecordKind, encode_record};
     use crate::storage::fs::RealStorage;
@@ -972,7 +972,8 @@ mod tests {
         Arc::new(RealStorage)
     }
 
-    fn record(seq: u64, len: usize) -> Record {
+    /// A write record of `len` bytes, its payload a function of `seq`.
+    pub(in crate::log) fn record(seq: u64, len: usize) -> Record {
         let payload = Bytes::from(
             (0..len)
                 .map(|i| (i as u64 * 31 + seq) as u8)
@@ -1078,9 +1079,24 @@ mod tests {
     fn a_cut_whose_scan_stops_short_cuts_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
-        let mut app = new_file(&store, 1, "a");
+        let ends = file_of_records(&store, 5);
+        // Damage record 2: reading stops after record 1.
+        let repair = damage_record_2(&store, &ends);
+        let err = store.truncate_to(ends[2]).unwrap_err();
+        assert!(matches!(err, Error::Corruption { .. }), "{err}");
+        assert_eq!(store.end(), Some((ends[4], 6)), "nothing was cut");
+        // Readable again: the cut keeps records 1-3.
+        repair();
+        store.truncate_to(ends[2]).unwrap();
+        assert_eq!(store.end(), Some((ends[2], 4)));
+    }
+
+    /// A logfile of records 1 (see [`new_file`]) to `last`, durable and
+    /// noted; returns each record's end position.
+    fn file_of_records(store: &LogStore, last: u64) -> Vec<u64> {
+        let mut app = new_file(store, 1, "a");
         let mut ends = vec![app.end_pos()];
-        for seq in 2..=5 {
+        for seq in 2..=last {
             let r = record(seq, 100);
             let mut buf = Vec::new();
             encode_record(&r.header, &r.payload, &mut buf);
@@ -1089,21 +1105,23 @@ mod tests {
         }
         app.sync().unwrap();
         store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
-        // Damage record 2: reading stops after record 1.
+        ends
+    }
+
+    /// Breaks record 2 of the first logfile (`ends` from
+    /// [`file_of_records`]); returns what writes it back.
+    fn damage_record_2(store: &LogStore, ends: &[u64]) -> impl FnOnce() {
         let path = store.files()[0].path.clone();
         let f = storage().open(&path, OpenMode::ReadWrite).unwrap();
         f.write_all_at(&[0xff; 8], FIRST_RECORD + ends[0] + 40)
             .unwrap();
-        let err = store.truncate_to(ends[2]).unwrap_err();
-        assert!(matches!(err, Error::Corruption { .. }), "{err}");
-        assert_eq!(store.end(), Some((ends[4], 6)), "nothing was cut");
-        // Readable again: the cut keeps records 1-3.
-        let r = record(2, 100);
-        let mut buf = Vec::new();
-        encode_record(&r.header, &r.payload, &mut buf);
-        f.write_all_at(&buf, FIRST_RECORD + ends[0]).unwrap();
-        store.truncate_to(ends[2]).unwrap();
-        assert_eq!(store.end(), Some((ends[2], 4)));
+        let at = FIRST_RECORD + ends[0];
+        move || {
+            let r = record(2, 100);
+            let mut buf = Vec::new();
+            encode_record(&r.header, &r.payload, &mut buf);
+            f.write_all_at(&buf, at).unwrap();
+        }
     }
 
     /// Found by `tests/sim_cluster.rs` (seed 4235811102720142503): a cut
@@ -1115,25 +1133,11 @@ mod tests {
     fn a_cut_that_fails_after_deleting_newer_logfiles_can_be_tried_again() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
-        let mut app = new_file(&store, 1, "a");
-        let mut ends = vec![app.end_pos()];
-        for seq in 2..=4 {
-            let r = record(seq, 100);
-            let mut buf = Vec::new();
-            encode_record(&r.header, &r.payload, &mut buf);
-            app.append(&buf, 1).unwrap();
-            ends.push(app.end_pos());
-        }
-        app.sync().unwrap();
-        store.note_append(app.start_pos(), app.end_pos(), app.next_seq());
-        let newer = new_file(&store, 1, "a");
-        let newer_end = newer.end_pos();
+        let ends = file_of_records(&store, 4);
+        let newer_end = new_file(&store, 1, "a").end_pos();
         assert_eq!(store.files().len(), 2);
-        // Damage record 2 of the first file: its scan stops short.
-        let path = store.files()[0].path.clone();
-        let f = storage().open(&path, OpenMode::ReadWrite).unwrap();
-        f.write_all_at(&[0xff; 8], FIRST_RECORD + ends[0] + 40)
-            .unwrap();
+        // Record 2 of the first file damaged: its scan stops short.
+        let repair = damage_record_2(&store, &ends);
         let err = store.truncate_to(ends[2]).unwrap_err();
         assert!(matches!(err, Error::Corruption { .. }), "{err}");
         assert!(newer_end > ends[3]);
@@ -1144,10 +1148,7 @@ mod tests {
         );
         assert_eq!(store.end(), Some((ends[3], 5)));
         // Repaired, the same cut succeeds.
-        let r = record(2, 100);
-        let mut buf = Vec::new();
-        encode_record(&r.header, &r.payload, &mut buf);
-        f.write_all_at(&buf, FIRST_RECORD + ends[0]).unwrap();
+        repair();
         store.truncate_to(ends[2]).unwrap();
         assert_eq!(store.end(), Some((ends[2], 4)));
     }
