@@ -958,7 +958,7 @@ impl Cluster<'_> {
     }
 }
 
-/// How many seeds one test run tries: `MARS_SIM_RUNS` (default 20; a run
+/// How many seeds one test run tries: `MARS_SIM_RUNS` (default 50; a run
 /// of 20 simulated seconds takes about a second), or 1 with `MARS_SEED`.
 fn runs() -> u64 {
     if std::env::var("MARS_SEED").is_ok() {
@@ -967,7 +967,7 @@ fn runs() -> u64 {
     std::env::var("MARS_SIM_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(50)
 }
 
 /// A campaign of `runs()` consecutive seeds from a random one (or the one
