@@ -168,13 +168,21 @@ pub struct Persister {
 }
 
 impl Persister {
+    /// Whether a sync of the device failed: nothing is persisted from
+    /// then on, and the applier must start over from the persisted
+    /// position (see `secondary::apply_loop`).
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// Syncs the device, then stores `pos`: everything before `pos` must
     /// have been written to the device before this call. Never call it
     /// with a position behind one already persisted.
     ///
-    /// After a failed sync it refuses for good (until a restart replays the
-    /// log from the persisted position): Linux marks the pages of a failed
-    /// writeback clean, so a later sync that succeeds would not cover them.
+    /// After a failed sync it refuses for good (the applier starts over
+    /// and writes the log from the persisted position again): Linux marks
+    /// the pages of a failed writeback clean, so a later sync that
+    /// succeeds would not cover them.
     pub fn persist(&self, pos: Position) -> Result<()> {
         let failed = |source| Error::Device {
             device: self.device_path.clone(),
@@ -184,7 +192,7 @@ impl Persister {
         };
         if self.failed.load(Ordering::Acquire) {
             return Err(failed(std::io::Error::other(
-                "an earlier sync of the device failed; restart marsd to apply again from the persisted position",
+                "an earlier sync of the device failed; applying again from the persisted position",
             )));
         }
         self.device.sync_data().map_err(|e| {

@@ -802,7 +802,9 @@ impl Node {
                 {
                     rt.stop();
                 }
-                let applied = res.counters().written_back.load(Ordering::Acquire);
+                // Not the persisted position alone: a failed persist
+                // leaves it behind what the device holds.
+                let applied = res.device_end();
                 // Asked again now that writes have stopped.
                 let Some(fork) = res.fork_from(&p) else {
                     return Ok(());
@@ -900,13 +902,9 @@ impl Node {
         let (join, _, lineage) = self.sync_start(name, &p.node, &addr).await?;
         let start_pos = join.start_pos;
         let r2 = Arc::clone(&res);
-        crate::exec::blocking(move || {
-            r2.reset_for_full_sync(join)?;
-            r2.store().adopt_lineage(lineage);
-            Ok::<_, Error>(())
-        })
-        .await
-        .map_err(|e| Error::Cluster(format!("invalidate failed: {e}")))??;
+        crate::exec::blocking(move || r2.reset_for_full_sync(join, lineage))
+            .await
+            .map_err(|e| Error::Cluster(format!("invalidate failed: {e}")))??;
         let info = ReplicaInfo {
             disk_state: "Inconsistent".into(),
             applied: start_pos,

@@ -48,6 +48,13 @@ pub struct Counters {
     pub flushed_changed: tokio::sync::Notify,
     /// End of the last record written back and persisted as such.
     pub written_back: AtomicU64,
+    /// On a secondary: how far the device may hold records. The applier
+    /// runs ahead of `written_back` (persisted now and then, and a failed
+    /// persist leaves it behind for good), and after a restart whatever
+    /// the last run applied is unknown, up to the log's durable floor
+    /// (the applier never passes it). Whether the device holds records of
+    /// a deposed history is judged by it, never by `written_back` alone.
+    pub device_end: AtomicU64,
     /// Bytes of record payload held in the overlay.
     pub overlay_bytes: AtomicU64,
     /// The most the overlay ever held.
@@ -72,6 +79,7 @@ impl Default for Counters {
             flushed: AtomicU64::new(0),
             flushed_changed: tokio::sync::Notify::new(),
             written_back: AtomicU64::new(0),
+            device_end: AtomicU64::new(0),
             overlay_bytes: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
             delete_floor: AtomicU64::new(0),

@@ -465,6 +465,23 @@ impl Node {
         })
     }
 
+    /// The fork from the current primary's history, on a secondary whose
+    /// device holds records past it: it is in split brain from the moment
+    /// it knows of that primary, not only once the reconcile loop has
+    /// recorded it (`follow_new_history`), so that `view` never shows it
+    /// UpToDate meanwhile.
+    fn left_behind(
+        &self,
+        r: &Resource,
+        rstate: Option<&crate::membership::ResourceState>,
+    ) -> Option<u64> {
+        if r.logger().is_some() || r.meta().split_brain {
+            return None;
+        }
+        let p = rstate?.primary().filter(|p| p.node != self.cfg.node)?;
+        r.fork_from(p).filter(|&fork| r.device_end() > fork)
+    }
+
     fn status(&self, r: &Resource, state: &crate::membership::ClusterState) -> pb::ResourceStatus {
         let meta = r.meta();
         let c = r.counters();
@@ -497,6 +514,14 @@ impl Node {
         };
         let rstate = state.resource(r.name());
         let primary_node = rstate.and_then(|s| s.primary()).map(|p| p.node.clone());
+        let (split_brain, divergent_bytes, disk_state) = match self.left_behind(r, rstate) {
+            Some(fork) => (
+                true,
+                r.log_end().saturating_sub(fork),
+                resource::DiskState::Outdated,
+            ),
+            None => (meta.split_brain, meta.divergent_bytes, meta.disk_state),
+        };
         let dropped = rstate.map(|s| s.dropped()).unwrap_or_default();
         // A replica given up in emergency mode is Outdated until its full sync starts.
         let state_of = |node: &str, reported: &str, applied: u64| {
@@ -529,11 +554,11 @@ impl Node {
                 )
             });
         let mut replicas = vec![pb::ReplicaStatus {
-            split_brain: meta.split_brain,
-            divergent_bytes: meta.divergent_bytes,
+            split_brain,
+            divergent_bytes,
             node: self.cfg.node.clone(),
             role: role.as_str().into(),
-            disk_state: state_of(&self.cfg.node, meta.disk_state.as_str(), written_back),
+            disk_state: state_of(&self.cfg.node, disk_state.as_str(), written_back),
             connected: true,
             fetched: flushed,
             applied: written_back,
@@ -593,7 +618,7 @@ impl Node {
             name: r.name().into(),
             size,
             role: role.as_str().into(),
-            disk_state: meta.disk_state.as_str().into(),
+            disk_state: disk_state.as_str().into(),
             primary: primary_node,
             // The current primary period, as far as this replica follows it
             // (a split-brained node keeps showing its own, deposed one).
@@ -603,7 +628,7 @@ impl Node {
                 meta.generation
                     .max(rstate.and_then(|s| s.primary()).map_or(0, |p| p.generation))
             },
-            split_brain: meta.split_brain,
+            split_brain,
             emergency: !dropped.is_empty()
                 && (primary_here || dropped.contains_key(&self.cfg.node)),
             log: Some(log),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::applicator::{self, Applicator, Position};
 use crate::frontend::{BlockIo, IoError};
-use crate::log::{self, LogStore};
+use crate::log::{self, Lineage, LogStore};
 use crate::logger::{Counters, Logger, LoggerConfig, StartPoint};
 use crate::membership::PrimaryInfo;
 use crate::quota::LogQuota;
@@ -774,6 +774,15 @@ impl Resource {
     }
 
     /// The end of the local log (or the applied position without logfiles).
+    /// How far the device may hold records of the log (see
+    /// [`Counters::device_end`]).
+    pub(crate) fn device_end(&self) -> u64 {
+        let c = &self.counters;
+        c.written_back
+            .load(Ordering::Acquire)
+            .max(c.device_end.load(Ordering::Acquire))
+    }
+
     pub(crate) fn log_end(&self) -> u64 {
         self.store
             .files()
@@ -791,22 +800,34 @@ impl Resource {
     /// generation written by another node. Logfiles of a newer generation
     /// than `p` are not judged (gossip about that primary is still on its
     /// way).
+    ///
+    /// The logfiles are asked, and so is the lineage: it still knows the
+    /// histories whose logfiles are gone (written back and deleted, or
+    /// given up in emergency mode), so that the fork and the divergent
+    /// tail's size are where the history was left, not where the oldest
+    /// kept logfile begins.
     pub(crate) fn fork_from(&self, p: &PrimaryInfo) -> Option<u64> {
+        let end = self.log_end();
         let files = self.store.files();
-        let fork = files
-            .iter()
-            .filter_map(|f| {
-                let g = f.header.generation;
-                if g < p.generation && f.end_pos > p.start_pos {
-                    Some(p.start_pos.max(f.header.start_pos))
-                } else if g == p.generation && f.origin != p.node {
-                    Some(f.header.start_pos)
-                } else {
-                    None
-                }
-            })
+        let lineage = self.store.lineage();
+        let epochs = lineage.epochs();
+        let in_files = files.iter().map(|f| Span {
+            generation: f.header.generation,
+            origin: &f.origin,
+            start: f.header.start_pos,
+            end: f.end_pos,
+        });
+        let in_lineage = epochs.iter().enumerate().map(|(i, e)| Span {
+            generation: e.generation,
+            origin: &e.origin,
+            start: e.start_pos,
+            end: epochs.get(i + 1).map_or(end, |next| next.start_pos),
+        });
+        let fork = in_files
+            .chain(in_lineage)
+            .filter_map(|s| s.leaves(p))
             .min()?;
-        (self.log_end() > fork).then_some(fork)
+        (end > fork).then_some(fork)
     }
 
     /// Cuts the local log back to the fork point of a new history (only
@@ -817,6 +838,10 @@ impl Resource {
         }
         let freed = self.store.truncate_to(pos).map_err(self.err_log())?;
         self.quota.release(freed);
+        // The floor may claim more than the log now holds: records past
+        // `pos` are another history's, and the device holds none of them.
+        self.store.persist_durable(pos).map_err(self.err_log())?;
+        self.counters.device_end.store(pos, Ordering::Release);
         self.counters.appended.store(pos, Ordering::Release);
         self.counters.set_flushed(pos);
         Ok(())
@@ -824,9 +849,9 @@ impl Resource {
 
     /// Starts over as a replica that needs a full sync from `start_pos` of
     /// the current primary's log (invalidate): forgets the local log and
-    /// any split brain. The device keeps its data: the fast full sync sends
-    /// only chunks that differ.
-    pub(crate) fn reset_for_full_sync(&self, start: JoinPoint) -> Result<()> {
+    /// any split brain, and takes `lineage`, the primary's. The device
+    /// keeps its data: the fast full sync sends only chunks that differ.
+    pub(crate) fn reset_for_full_sync(&self, start: JoinPoint, lineage: Lineage) -> Result<()> {
         let JoinPoint {
             start_pos,
             next_seq,
@@ -847,7 +872,13 @@ impl Resource {
             )));
         }
         let freed = self.store.delete_all().map_err(self.err_log())?;
+        self.store
+            .persist_durable(start_pos)
+            .map_err(self.err_log())?;
         self.quota.release(freed);
+        // At once, under the role lock: until then the old lineage would
+        // show a fork from the current primary's history (`fork_from`).
+        self.store.adopt_lineage(lineage);
         Position {
             pos: start_pos,
             next_seq,
@@ -861,6 +892,7 @@ impl Resource {
             &self.counters.appended,
             &self.counters.flushed,
             &self.counters.written_back,
+            &self.counters.device_end,
         ] {
             c.store(start_pos, Ordering::Release);
         }
@@ -1049,6 +1081,29 @@ impl BlockIo for VolumeHandle {
     }
 }
 
+/// A stretch of log written in one history: a logfile, or an epoch of
+/// the lineage.
+struct Span<'a> {
+    generation: u64,
+    origin: &'a str,
+    start: u64,
+    end: u64,
+}
+
+impl Span<'_> {
+    /// Where this stretch leaves the history of primary `p` (see
+    /// [`Resource::fork_from`]), if it holds records that are not `p`'s.
+    fn leaves(&self, p: &PrimaryInfo) -> Option<u64> {
+        if self.generation < p.generation && self.end > p.start_pos {
+            Some(p.start_pos.max(self.start))
+        } else if self.generation == p.generation && self.origin != p.node {
+            Some(self.start)
+        } else {
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1185,6 +1240,41 @@ mod tests {
         assert_eq!(read_all(&h).await, expect);
         let first = r.store.first_pos().unwrap();
         assert!(first > 0, "old logfiles were deleted");
+    }
+
+    /// A deposed primary whose older logfiles are deleted (written back)
+    /// still forks where the new primary's history began: the lineage
+    /// remembers what the files no longer show, so the divergent tail's
+    /// size is not understated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_fork_is_where_the_history_was_left_even_when_its_logfiles_are_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = setup(tmp.path(), 512 << 10, 8 << 20, 1 << 30);
+        let h = Arc::new(r.open().unwrap());
+        write_many(&h, 4 << 20, 2).await;
+        h.flush().await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while r.store.first_pos().unwrap() < 2 << 20 {
+            assert!(Instant::now() < deadline, "old logfiles were never deleted");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let p = PrimaryInfo {
+            node: "n2".into(),
+            generation: r.meta().generation + 1,
+            start_pos: 1 << 20,
+        };
+        assert_eq!(r.fork_from(&p), Some(1 << 20));
+        let same_history = PrimaryInfo {
+            node: "n1".into(),
+            generation: r.meta().generation,
+            start_pos: 0,
+        };
+        assert_eq!(r.fork_from(&same_history), None);
+        let past_our_end = PrimaryInfo {
+            start_pos: r.log_end(),
+            ..p
+        };
+        assert_eq!(r.fork_from(&past_our_end), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

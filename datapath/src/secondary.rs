@@ -186,9 +186,9 @@ async fn persist_loop(
                 sleep(Duration::from_secs(1)).await;
                 // Retry unless a newer position arrived meanwhile, or the
                 // applier stopped: a failed device sync fails every persist
-                // until a restart, and a retry after the stop would keep
-                // the applier's join (and a shutdown) waiting for ever. The
-                // log keeps what was not persisted; the restart replays it.
+                // until the applier starts over, and a retry after the stop
+                // would keep its join (and a shutdown) waiting for ever. The
+                // log keeps what was not persisted; the next run replays it.
                 let mut st = handoff.state.lock().expect("handoff lock");
                 if st.pending.is_none() && !st.stop {
                     st.pending = Some(pos);
@@ -198,7 +198,31 @@ async fn persist_loop(
     }
 }
 
+/// Applies the local log to the device until `stop`. A failed sync of the
+/// device stops one run (no position is persisted after it); the next run
+/// applies again from the persisted position, which writes every record
+/// the failed sync may have lost again, instead of waiting for a restart
+/// of marsd (a handover to this node waited for ever, sim_cluster seed
+/// 17947113308001176731).
 async fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Cluster>) {
+    while apply_run(&res, &stop, &cluster).await == RunEnd::DeviceSyncFailed {
+        tracing::warn!(resource = %res.name(), "a sync of the device failed: applying again from the persisted position");
+        sleep(Duration::from_secs(1)).await;
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Why [`apply_run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum RunEnd {
+    Stopped,
+    DeviceSyncFailed,
+}
+
+async fn apply_run(res: &Arc<Resource>, stop: &AtomicBool, cluster: &Arc<Cluster>) -> RunEnd {
+    let res = Arc::clone(res);
     let name = res.name().to_string();
     let start = Position::load(&**res.storage(), &res.position_path())
         .ok()
@@ -218,7 +242,7 @@ async fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Clus
     let handoff = Arc::new(Handoff::default());
     let persister = {
         let (res, p, h) = (Arc::clone(&res), app.persister(), Arc::clone(&handoff));
-        let cluster = Arc::clone(&cluster);
+        let cluster = Arc::clone(cluster);
         crate::exec::spawn_worker(
             format!("persist-{}", res.name()),
             persist_loop(res, p, h, cluster),
@@ -229,10 +253,18 @@ async fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Clus
     // The applier never passes the persisted durable floor of the local
     // copy: a recovery that cuts a torn tail of the copy (the primary's
     // sync claims say nothing about it) never cuts under applied data.
-    let mut floor =
-        crate::log::LogStore::durable_floor(&**res.storage(), res.store().dir(), start.pos)
-            .unwrap_or(start.pos);
-    while !stop.load(Ordering::Acquire) {
+    let persisted_floor =
+        crate::log::LogStore::durable_floor(&**res.storage(), res.store().dir(), start.pos);
+    let mut floor = *persisted_floor.as_ref().unwrap_or(&start.pos);
+    // What an earlier run applied past the persisted position is unknown,
+    // but it never passed the floor (nor the log's end, if the floor is
+    // unreadable).
+    let earlier_bound = persisted_floor.unwrap_or_else(|_| res.log_end().max(start.pos));
+    res.counters()
+        .device_end
+        .fetch_max(earlier_bound, Ordering::AcqRel);
+    let sync_failed = app.persister();
+    while !stop.load(Ordering::Acquire) && !sync_failed.has_failed() {
         let applied = app.applied();
         if applied.pos > handed && last_handoff.elapsed() >= PERSIST_INTERVAL {
             handoff.offer(applied);
@@ -287,7 +319,12 @@ async fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Clus
                 continue;
             }
             let t = Instant::now();
-            match app.apply_records(limit, APPLY_RECORDS) {
+            let applied = app.apply_records(limit, APPLY_RECORDS);
+            // Even a failed batch may have written some of its records.
+            res.counters()
+                .device_end
+                .fetch_max(app.applied().pos, Ordering::AcqRel);
+            match applied {
                 Ok(0) => Some(Duration::from_millis(10)),
                 Ok(n) => {
                     tracing::debug!(resource = %name, records = n, pos = app.applied().pos, limit, us = t.elapsed().as_micros() as u64, "applied");
@@ -315,6 +352,11 @@ async fn apply_loop(res: Arc<Resource>, stop: Arc<AtomicBool>, cluster: Arc<Clus
     }
     handoff.stop();
     persister.wait().await;
+    if sync_failed.has_failed() {
+        RunEnd::DeviceSyncFailed
+    } else {
+        RunEnd::Stopped
+    }
 }
 
 /// When the primary logged the record at `pos` of the local log (unix
@@ -357,13 +399,8 @@ mod tests {
     use crate::storage::sim::{Faults, SimStorage};
     use std::path::Path;
 
-    /// Found by `tests/sim_cluster.rs` (seed 23): once a sync of the device
-    /// failed, every persist fails until a restart, and the persister put
-    /// the position back for a retry even after the applier had stopped
-    /// it, so the applier's join, and with it marsd's shutdown (the restart
-    /// the error asks for), hung for ever.
-    #[test]
-    fn a_stopped_persister_ends_even_if_the_device_cannot_sync() {
+    /// A secondary resource "r" (1 MiB) of node "b" on a simulated disk.
+    fn secondary_on_sim_disk() -> (SimStorage, Arc<Resource>, Arc<Cluster>) {
         let disk = SimStorage::new(7);
         for d in ["/state", "/disk"] {
             disk.mkdir_durable(Path::new(d));
@@ -392,6 +429,110 @@ mod tests {
         .unwrap();
         let cluster =
             Arc::new(Cluster::open(Arc::clone(&storage), Path::new("/state"), "b", "b:1").unwrap());
+        (disk, res, cluster)
+    }
+
+    /// Runs `f` on a current-thread runtime with paused time (sleeps pass
+    /// at once) on a thread of its own; fails if it takes 10 s of wall time.
+    fn on_paused_runtime(f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+                .block_on(f);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "did not end within 10 s"
+        );
+    }
+
+    /// A failed sync of the device loses what it covered for good (Linux
+    /// marks those pages clean). The applier starts over from the
+    /// persisted position and writes it all again, without a restart:
+    /// after a power loss the device holds every record.
+    #[test]
+    fn a_failed_device_sync_is_made_good_by_applying_again() {
+        use crate::log::format::{FileHeader, RecordHeader, RecordKind, encode_record};
+        let (disk, res, cluster) = secondary_on_sim_disk();
+        res.update_meta(|m| m.sync = None).unwrap();
+        let header = FileHeader {
+            file_seq: 1,
+            start_pos: 0,
+            first_seq: 1,
+            generation: 1,
+        };
+        let mut app = res.store().create_file("a", header).unwrap();
+        let mut buf = Vec::new();
+        for seq in 1..=8u64 {
+            let h = RecordHeader {
+                kind: RecordKind::Write,
+                unsynced: 0,
+                seq,
+                generation: 1,
+                offset: seq * 4096,
+                length: 1024,
+                timestamp_ns: seq,
+                payload_len: 1024,
+            };
+            encode_record(&h, &vec![seq as u8; 1024], &mut buf);
+        }
+        app.append(&buf, 8).unwrap();
+        app.sync().unwrap();
+        let end = app.end_pos();
+        res.store().note_append(0, end, 9);
+        res.store().persist_durable(end).unwrap();
+        res.counters().appended.store(end, Ordering::Release);
+        res.counters().set_flushed(end);
+        // Every sync fails until the first one of the device has.
+        disk.set_faults(Faults {
+            sync_eio: 1.0,
+            ..Faults::default()
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d2, r2) = (disk.clone(), Arc::clone(&res));
+        on_paused_runtime(async move {
+            let applier = tokio::spawn(apply_loop(Arc::clone(&r2), Arc::clone(&stop), cluster));
+            while d2.injected().sync_eio == 0 {
+                sleep(Duration::from_millis(10)).await;
+            }
+            d2.set_faults(Faults::default());
+            let t = Instant::now();
+            while r2.counters().written_back.load(Ordering::Acquire) < end {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the applier never persisted its position after the failed sync"
+                );
+                sleep(Duration::from_millis(10)).await;
+            }
+            stop.store(true, Ordering::Release);
+            applier.await.unwrap();
+        });
+        let after = disk.crash(crate::storage::sim::CrashMode::DropUnsynced);
+        let image = after.contents(Path::new("/disk/r.img")).unwrap();
+        for seq in 1..=8usize {
+            assert!(
+                image[seq * 4096..seq * 4096 + 1024]
+                    .iter()
+                    .all(|&b| b == seq as u8),
+                "record {seq} is not on the device after the power loss"
+            );
+        }
+    }
+
+    /// Found by `tests/sim_cluster.rs` (seed 23): once a sync of the device
+    /// failed, every persist fails until a restart, and the persister put
+    /// the position back for a retry even after the applier had stopped
+    /// it, so the applier's join, and with it marsd's shutdown (the restart
+    /// the error asks for), hung for ever.
+    #[test]
+    fn a_stopped_persister_ends_even_if_the_device_cannot_sync() {
+        let (disk, res, cluster) = secondary_on_sim_disk();
+        let storage: Arc<dyn crate::storage::Storage> = Arc::new(disk.clone());
         let app = Applicator::new(
             Arc::clone(res.store()),
             Arc::clone(&storage),
@@ -410,20 +551,9 @@ mod tests {
             next_seq: 2,
         });
         handoff.stop();
-        let (done_tx, done) = std::sync::mpsc::channel();
         let (p, h) = (app.persister(), Arc::clone(&handoff));
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-                .block_on(persist_loop(res, p, h, cluster));
-            let _ = done_tx.send(());
-        });
-        assert!(
-            done.recv_timeout(Duration::from_secs(10)).is_ok(),
-            "the persister does not end after a stop while the device fails to sync"
-        );
+        // Fails unless the persister ends after the stop while the device
+        // fails to sync.
+        on_paused_runtime(persist_loop(res, p, h, cluster));
     }
 }

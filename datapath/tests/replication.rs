@@ -301,3 +301,69 @@ fn handover_of_a_resource_that_never_logged_a_write() {
     }
     assert_images_follow(&c, 8, &[&a, &b]);
 }
+
+/// A primary restored from an old copy of its state goes on in the same
+/// generation, with other writes at the log positions of the ones it lost.
+/// A replica that fetched the lost writes must not continue its copy with
+/// the new ones: the source compares the record before the fetcher's
+/// resume point with the fetcher's, refuses, and the replica is Outdated
+/// until `invalidate`.
+#[test]
+fn a_replica_never_continues_its_log_with_another_history() {
+    let mut a = Daemon::start_named("a", &["--startup-wait", "1"]);
+    let b = Daemon::start_named("b", &["--startup-wait", "1"]);
+    let image = a.path("r1.img");
+    a.marsadm_ok(&[
+        "create-resource",
+        "r1",
+        image.to_str().unwrap(),
+        "--size",
+        "32M",
+    ]);
+    write(&a, 0, 0xa1, MIB as usize);
+    b.marsadm_ok(&["join-cluster", &a.listen_addr().to_string()]);
+    b.marsadm_ok(&["join-resource", "r1", b.path("r1.img").to_str().unwrap()]);
+    wait(&a);
+    // The old copy of a's state: its root and its backing file.
+    a.term();
+    let backup = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .args(["-a", "-T"])
+            .args([from, to])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cp -a {} {}", from.display(), to.display());
+    };
+    copy(a.root(), &backup.path().join("root"));
+    copy(&image, &backup.path().join("r1.img"));
+    a.restart();
+    write(&a, 4 * MIB, 0xb2, MIB as usize);
+    wait(&a);
+    a.term();
+    std::fs::remove_dir_all(a.root()).unwrap();
+    copy(&backup.path().join("root"), a.root());
+    copy(&backup.path().join("r1.img"), &image);
+    a.restart();
+    // The same sizes: these take the lost write's log positions and go on.
+    write(&a, 8 * MIB, 0xc3, MIB as usize);
+    write(&a, 12 * MIB, 0xd4, MIB as usize);
+    until("b to refuse a's log", 30, || {
+        b.resource_view("r1")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("diverged"))
+    });
+    let vb = b.resource_view("r1");
+    assert_eq!(vb["disk_state"], "Outdated", "{vb:#}");
+    let b_image = std::fs::read(b.path("r1.img")).unwrap();
+    assert!(
+        b_image[12 * MIB as usize..13 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "b applied a write of the other history"
+    );
+    b.marsadm_ok(&["invalidate", "r1"]);
+    wait(&a);
+    assert_images_follow(&a, 32, &[&b]);
+}

@@ -996,6 +996,43 @@ fn replicas_survive_loss_partitions_disk_faults_power_loss_and_handovers() {
     );
 }
 
+/// Seeds that once found a bug, run in every campaign. A seed's schedule
+/// depends on the code it drives, so these guard less than a test of
+/// their own; each fix has one too, where one could be written.
+const FOUND: &[(u64, &str)] = &[
+    (
+        4235811102720142503,
+        "a failed cut-back kept deleted logfiles on the store's list",
+    ),
+    (
+        7907802668381584937,
+        "a secondary whose position persist failed cut its log back to a fork its device had passed",
+    ),
+    (
+        1795293344335549936,
+        "a deletion whose directory sync failed kept the deleted logfiles on the store's list",
+    ),
+    (
+        17947113308001176731,
+        "a handover to a replica whose device sync had failed waited for a restart that never came",
+    ),
+];
+
+#[test]
+fn seeds_that_found_bugs_pass() {
+    if std::env::var("MARS_SEED").is_ok() {
+        return;
+    }
+    for &(seed, what) in FOUND {
+        eprintln!("sim_cluster seed {seed} (once: {what})");
+        if std::panic::catch_unwind(|| run(seed, fault_secs())).is_err() {
+            panic!(
+                "seed {seed} fails again ({what}): MARS_SEED={seed} cargo test -p mars-datapath --test sim_cluster"
+            );
+        }
+    }
+}
+
 /// The same seed, twice in one process: the same trace, bit for bit.
 #[test]
 fn a_seed_replays_the_same_run() {

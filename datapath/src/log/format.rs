@@ -271,6 +271,13 @@ pub fn decode_record(b: &[u8]) -> Result<(Record, usize), DecodeError> {
     Ok((Record { header: h, payload }, total))
 }
 
+/// The checksum a record carries (its last header field), of a record
+/// [`verify_record`] accepted. Two logs that hold a record with the same
+/// checksum at the same position hold the same record.
+pub fn record_crc(b: &[u8]) -> u32 {
+    u32_at(b, 60)
+}
+
 /// Checks the record at the start of `b` like [`decode_record`] without
 /// copying its payload out: its header and encoded length. For checks of
 /// data that is kept as it is (a fetched chunk goes to the log whole).

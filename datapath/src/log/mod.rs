@@ -11,7 +11,7 @@ pub mod store;
 
 pub use format::{Record, RecordHeader, RecordKind};
 pub use lineage::{Epoch, Lineage};
-pub use store::{Appender, LogCursor, LogStore, Recovered};
+pub use store::{Appender, LogCursor, LogStore, RecordBefore, Recovered};
 
 use std::path::PathBuf;
 

@@ -477,9 +477,20 @@ impl LogStore {
         };
         let mut freed = 0;
         for f in &doomed {
-            self.storage
-                .remove_file(&f.path)
-                .map_err(Error::io(&f.path))?;
+            match self.storage.remove_file(&f.path) {
+                Ok(()) => {}
+                // Removed by an earlier try that failed further on.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&f.path)(e)),
+            }
+            // Off the list at once, as in `truncate_to`: a failure further
+            // on (the directory's sync) must not leave a file on the list
+            // that is gone (sim_cluster seed 1795293344335549936: the
+            // fetcher then resumed in it and failed for ever).
+            self.files
+                .lock()
+                .expect("log store lock")
+                .retain(|l| l.file_seq != f.file_seq);
             freed += f.end_pos - f.header.start_pos;
             tracing::info!(file = %f.path.display(), end = f.end_pos, "deleted logfile");
         }
@@ -487,8 +498,6 @@ impl LogStore {
             self.storage
                 .sync_dir(&self.dir)
                 .map_err(Error::io(&self.dir))?;
-            let mut files = self.files.lock().expect("log store lock");
-            files.retain(|f| !doomed.iter().any(|d| d.file_seq == f.file_seq));
         }
         Ok(freed)
     }
@@ -535,6 +544,48 @@ impl LogStore {
             pos,
             records,
         }))
+    }
+
+    /// What this log holds just before position `pos`: where two logs
+    /// meet (a fetch resumes at the end of the fetcher's copy), the record
+    /// that ends there must be the same on both sides, or they hold
+    /// different histories under the same name (a primary restored from
+    /// an old copy of its state, a bug). One logfile is read.
+    pub fn record_before(&self, pos: u64) -> Result<RecordBefore> {
+        let files = self.files();
+        let Some(f) = files
+            .iter()
+            .rev()
+            .find(|f| f.header.start_pos < pos && pos <= f.end_pos)
+        else {
+            return Ok(match files.last() {
+                Some(last) if pos > last.end_pos => RecordBefore::NoBoundary,
+                _ => RecordBefore::NotKept,
+            });
+        };
+        let file = self
+            .storage
+            .open(&f.path, OpenMode::Read)
+            .map_err(Error::io(&f.path))?;
+        let mut reader = RecordReader::new(file, FIRST_RECORD, Some(f.header.first_seq))
+            .map_err(Error::io(&f.path))?;
+        let mut end = f.header.start_pos;
+        while let Some((off, header, raw)) = reader.next_raw().map_err(Error::io(&f.path))? {
+            end = f.header.start_pos + off - FIRST_RECORD + header.encoded_len();
+            if end == pos {
+                return Ok(RecordBefore::Ends(super::format::record_crc(raw)));
+            }
+            if end > pos {
+                return Ok(RecordBefore::NoBoundary);
+            }
+        }
+        // The records stop short of what the list says the file holds: a
+        // damaged read, never an answer.
+        Err(Error::Corruption {
+            path: f.path.clone(),
+            offset: end - f.header.start_pos + FIRST_RECORD,
+            what: format!("records read only up to log position {end}, short of {pos}"),
+        })
     }
 
     /// Cuts the log back to `pos` (a record boundary): later logfiles are
@@ -646,9 +697,12 @@ impl LogStore {
         }
     }
 
-    /// Deletes every logfile (a replica that starts over with a full sync).
+    /// Deletes every logfile (a replica that starts over with a full sync)
+    /// and forgets the lineage: the histories it named are no longer this
+    /// log's (the caller adopts the lineage of the log it follows next).
     /// Returns bytes freed.
     pub fn delete_all(&self) -> Result<u64> {
+        self.update_lineage(|l| std::mem::take(l) != Lineage::default());
         let files = std::mem::take(&mut *self.files.lock().expect("log store lock"));
         let mut freed = 0;
         for f in &files {
@@ -746,6 +800,18 @@ fn scan_file(
         }
     }
     Ok((info.header.start_pos + valid_end - FIRST_RECORD, end_seq))
+}
+
+/// What a log holds just before a position ([`LogStore::record_before`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordBefore {
+    /// A record ends there; its checksum.
+    Ends(u32),
+    /// The log begins there, or the logfile that held the record is gone:
+    /// nothing to compare.
+    NotKept,
+    /// The position is inside a record, or past the end of the log.
+    NoBoundary,
 }
 
 /// Where encoded records read for shipping come from (the bytes are in
@@ -1148,6 +1214,78 @@ pub(super) mod tests {
         repair();
         store.truncate_to(ends[2]).unwrap();
         assert_eq!(store.end(), Some((ends[2], 4)));
+    }
+
+    /// Found by `tests/sim_cluster.rs` (seed 1795293344335549936): a
+    /// deletion of applied logfiles whose directory sync failed kept the
+    /// deleted files on the list; the fetcher then resumed in one of them
+    /// and failed on the missing file for ever.
+    #[test]
+    fn a_deletion_whose_directory_sync_fails_takes_the_files_off_the_list() {
+        use crate::storage::sim::{Faults, SimStorage};
+        let disk = SimStorage::new(7);
+        let dir = Path::new("/log");
+        disk.mkdir_durable(dir);
+        let (store, _) = LogStore::open(Arc::new(disk.clone()), dir).unwrap();
+        let first_end = new_file(&store, 1, "a").end_pos();
+        new_file(&store, 1, "a");
+        let newest = new_file(&store, 1, "a");
+        disk.set_faults(Faults {
+            sync_eio: 1.0,
+            ..Faults::default()
+        });
+        assert!(store.delete_before(newest.start_pos()).is_err());
+        disk.set_faults(Faults::default());
+        let files = store.files();
+        assert_eq!(files.len(), 1, "only the newest file is listed: {files:?}");
+        assert!(files[0].header.start_pos > first_end);
+        // The store's idea of its log is readable again: a resume works.
+        let app = store.resume_last().unwrap().unwrap();
+        assert_eq!(app.end_pos(), newest.end_pos());
+        assert_eq!(store.delete_before(newest.end_pos()).unwrap(), 0);
+    }
+
+    /// Where two logs meet, each names the record before the meeting
+    /// point by its checksum; positions inside a record or past the end
+    /// name none, nor does a log that begins there.
+    #[test]
+    fn the_record_before_a_position_is_named_by_its_checksum() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(storage(), tmp.path()).unwrap();
+        let ends = file_of_records(&store, 3);
+        let next_file_end = new_file(&store, 1, "a").end_pos();
+        let crc_of = |seq: u64| {
+            let r = record(seq, 100);
+            let mut buf = Vec::new();
+            encode_record(&r.header, &r.payload, &mut buf);
+            super::super::format::record_crc(&buf)
+        };
+        assert_eq!(store.record_before(0).unwrap(), RecordBefore::NotKept);
+        assert_eq!(
+            store.record_before(ends[0]).unwrap(),
+            RecordBefore::Ends(crc_of(1))
+        );
+        assert_eq!(
+            store.record_before(ends[2]).unwrap(),
+            RecordBefore::Ends(crc_of(3))
+        );
+        assert_ne!(crc_of(2), crc_of(3));
+        // The next file begins at ends[2]; its one record is record 4.
+        assert_eq!(
+            store.record_before(next_file_end).unwrap(),
+            RecordBefore::Ends(crc_of(4))
+        );
+        assert_eq!(
+            store.record_before(ends[1] - 1).unwrap(),
+            RecordBefore::NoBoundary
+        );
+        assert_eq!(
+            store.record_before(next_file_end + 1).unwrap(),
+            RecordBefore::NoBoundary
+        );
+        // Unreadable is an error, never an answer.
+        let _repair = damage_record_2(&store, &ends);
+        assert!(store.record_before(ends[2]).is_err());
     }
 
     /// The lineage outlives the logfiles that told it, follows cuts, and

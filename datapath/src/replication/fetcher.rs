@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use super::proto::{self, Frame, Message, Purpose};
 use crate::cluster::{Cluster, PEER_TIMEOUT};
 use crate::log::format::{self, FileHeader};
-use crate::log::{Appender, LogStore};
-use crate::resource::Resource;
+use crate::log::{Appender, LogStore, RecordBefore};
+use crate::resource::{DiskState, Resource};
 
 /// Sync the local copy at least this often while records arrive.
 const SYNC_INTERVAL: Duration = Duration::from_millis(50);
@@ -31,6 +31,17 @@ pub async fn run(res: Arc<Resource>, cluster: Arc<Cluster>) {
             Err(FetchError::Gone(why)) => {
                 if !res.log_gone.swap(true, Ordering::AcqRel) {
                     tracing::warn!(resource = %name, reason = %why, "the primary no longer has the log this replica needs: full sync");
+                }
+                *res.repl_error.lock().expect("error lock") = Some(format!("fetch: {why}"));
+            }
+            // Not UpToDate from now on: the device is a prefix of a history
+            // that is not the primary's (until `invalidate`).
+            Err(FetchError::Diverged(why)) => {
+                if res.meta().disk_state != DiskState::Outdated {
+                    tracing::error!(resource = %name, reason = %why, "our log holds another history than the primary's: Outdated until `marsadm invalidate {name}`");
+                    if let Err(e) = res.update_meta(|m| m.disk_state = DiskState::Outdated) {
+                        tracing::error!(resource = %name, error = %e, "recording Outdated failed");
+                    }
                 }
                 *res.repl_error.lock().expect("error lock") = Some(format!("fetch: {why}"));
             }
@@ -64,6 +75,8 @@ enum FetchError {
     Silent(Duration),
     #[error("{0}")]
     Gone(String),
+    #[error("{0}")]
+    Diverged(String),
 }
 
 async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), FetchError> {
@@ -112,6 +125,20 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
             None,
         ),
     };
+    // The source compares its record before `from_pos` with ours.
+    let before = match &appender {
+        Some(_) => match crate::net::block_in_place(|| store.record_before(from_pos)) {
+            Ok(RecordBefore::Ends(crc)) => Some(crc),
+            Ok(RecordBefore::NotKept | RecordBefore::NoBoundary) => None,
+            // Damage at rest in a record applied long ago: the fetch goes
+            // on from the end (it reads nothing before it), unchecked.
+            Err(e) => {
+                tracing::warn!(resource = %res.name(), error = %e, "our record before the resume point is unreadable: not compared with the source's");
+                None
+            }
+        },
+        None => None,
+    };
     let (mut conn, _) = proto::connect(
         &*cluster.net,
         &addr,
@@ -123,6 +150,7 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
         resource: res.name().into(),
         from_pos,
         file_seq,
+        before,
     };
     proto::write_frame(&mut conn, &req, &[]).await?;
     let streamed: Result<(), FetchError> = async {
@@ -216,6 +244,14 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                         && designated.as_deref() == Some(primary.node.as_str()) =>
                 {
                     return Err(FetchError::Gone(reason));
+                }
+                // Our copy holds another history than the primary's under
+                // the same name: never continued with the primary's records.
+                Message::Refused { reason }
+                    if reason.contains(super::server::DIVERGED)
+                        && designated.as_deref() == Some(primary.node.as_str()) =>
+                {
+                    return Err(FetchError::Diverged(reason));
                 }
                 Message::Refused { reason } => return Err(proto::Error::Refused(reason).into()),
                 other => return Err(FetchError::Bad(format!("an unexpected {other:?}"))),

@@ -415,11 +415,16 @@ pub enum Message {
     /// Rpc: stream logfiles of `resource` from `from_pos` on, for as long as
     /// the connection lives. `file_seq` is the logfile the fetcher appends
     /// to; `None` (no local logfile yet) starts at the beginning of the
-    /// logfile holding `from_pos`.
+    /// logfile holding `from_pos`. `before` is the checksum of the
+    /// fetcher's record that ends at `from_pos`: the source ships nothing
+    /// unless its own record there is the same (the two logs are one
+    /// history). Absent when the fetcher holds no such record.
     Fetch {
         resource: String,
         from_pos: u64,
         file_seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u32>,
     },
     /// Rpc, to the primary: planned handover to node `to`. The primary stops
     /// taking writes (its clients get errors), makes its log durable and

@@ -14,6 +14,7 @@ use super::proto::{self, Frame, Hello, Message, Purpose};
 use super::{fullsync, ratelimit};
 use crate::cluster::{HEARTBEAT, PEER_TIMEOUT};
 use crate::frontend::BlockIo;
+use crate::log::{LogStore, RecordBefore};
 use crate::net::{BoxStream, Listener};
 use crate::node::Node;
 
@@ -244,7 +245,15 @@ async fn rpc(s: &mut BoxStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
             resource,
             from_pos,
             file_seq,
-        } => return ship(s, node, peer, &resource, from_pos, file_seq).await,
+            before,
+        } => {
+            let from = Resume {
+                pos: from_pos,
+                file_seq,
+                before,
+            };
+            return ship(s, node, peer, &resource, from).await;
+        }
         other => return refuse(s, format!("unexpected request {other:?}")).await,
     };
     proto::write_frame(s, &answer, &[]).await
@@ -254,16 +263,32 @@ async fn rpc(s: &mut BoxStream, node: &Arc<Node>, peer: &Hello, req: Message) ->
 /// gone here (the fetcher of a replica refused so by its primary resyncs).
 pub const LOG_GONE: &str = "a full sync is needed";
 
-/// Streams logfiles from `from_pos` on, up to what is durable here, and
-/// keeps streaming as the log grows. Only whole, checked records travel.
+/// Begins a refusal to ship onto a copy of the log that holds another
+/// history than this log under the same name.
+pub const DIVERGED: &str = "the logs diverged";
+
+/// Where a fetcher's copy of the log ends (see [`Message::Fetch`]).
+struct Resume {
+    pos: u64,
+    file_seq: Option<u64>,
+    before: Option<u32>,
+}
+
+/// Streams logfiles from `from.pos` on, up to what is durable here, and
+/// keeps streaming as the log grows. Only whole, checked records travel,
+/// and only onto a copy that ends in the same record as this log there.
 async fn ship(
     s: &mut BoxStream,
     node: &Arc<Node>,
     peer: &Hello,
     resource: &str,
-    from_pos: u64,
-    mut client_file: Option<u64>,
+    from: Resume,
 ) -> proto::Result<()> {
+    let Resume {
+        pos: from_pos,
+        file_seq: mut client_file,
+        before: mut unchecked,
+    } = from;
     let Ok(res) = node.resource(resource) else {
         return refuse(s, format!("no resource {resource} on {}", node.name())).await;
     };
@@ -326,6 +351,17 @@ async fn ship(
         tokio::pin!(changed);
         changed.as_mut().enable();
         let limit = counters.flushed.load(std::sync::atomic::Ordering::Acquire);
+        // Checked once this log reaches the fetcher's end (a source that
+        // lags behind its fetcher may get there later).
+        if let Some(theirs) = unchecked
+            && limit >= from_pos
+        {
+            if let Err(reason) = same_record_before(&store, from_pos, theirs) {
+                tracing::error!(%resource, peer = %peer.node, pos = from_pos, %reason, "not shipping onto a diverged copy of the log");
+                return refuse(s, reason).await;
+            }
+            unchecked = None;
+        }
         let raw =
             crate::net::block_in_place(|| store.read_records(pos, limit, frame_bytes, &mut batch))
                 .map_err(|e| proto::Error::Io(std::io::Error::other(e.to_string())))?;
@@ -370,5 +406,34 @@ async fn ship(
                 let _ = tokio::time::timeout(Duration::from_millis(250), changed).await;
             }
         }
+    }
+}
+
+/// Whether this log's record before `pos` is the fetcher's, whose
+/// checksum is `theirs`; the refusal's reason if not.
+fn same_record_before(store: &LogStore, pos: u64, theirs: u32) -> Result<(), String> {
+    let ours = match crate::net::block_in_place(|| store.record_before(pos)) {
+        Ok(ours) => ours,
+        Err(e) => {
+            // Damage at rest in a record that was shipped long ago must not
+            // stop the stream from here on (which reads only later records):
+            // the check is skipped, and said.
+            tracing::warn!(pos, error = %e, "the record before the fetcher's end is unreadable here: not compared");
+            return Ok(());
+        }
+    };
+    let diverged = |what: &str| {
+        format!(
+            "{DIVERGED} at position {pos}: {what}; invalidate the fetching replica to resync it"
+        )
+    };
+    match ours {
+        RecordBefore::Ends(crc) if crc == theirs => Ok(()),
+        RecordBefore::Ends(crc) => Err(diverged(&format!(
+            "the record ending there has checksum {crc:08x} here, {theirs:08x} there"
+        ))),
+        RecordBefore::NoBoundary => Err(diverged("no record ends there here")),
+        // Deleted here once every replica had it: nothing to compare.
+        RecordBefore::NotKept => Ok(()),
     }
 }
