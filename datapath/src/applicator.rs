@@ -217,6 +217,14 @@ pub struct Applicator {
     size: KnownSize,
 }
 
+/// What [`Applicator::apply_records`] did with one record it read.
+enum Visit {
+    /// Applied; the record ends at `end`.
+    Applied { end: u64 },
+    /// It ends past the limit: left for the next call.
+    PastLimit,
+}
+
 /// One call of [`Applicator::apply_records`] writes at most this many bytes.
 const APPLY_BATCH_BYTES: u64 = 16 << 20;
 
@@ -274,7 +282,7 @@ impl Applicator {
             let visited = cursor.next_visit(|at, h, payload| {
                 let end = at + h.encoded_len();
                 if end > limit {
-                    return Ok(None);
+                    return Ok(Visit::PastLimit);
                 }
                 if h.seq != pos.next_seq && pos.next_seq != 0 {
                     return Err(Error::from(log::Error::Corruption {
@@ -287,12 +295,13 @@ impl Applicator {
                     }));
                 }
                 apply_parts(&*p.device, &p.device_path, at, h, payload, size)?;
-                Ok(Some(end))
+                Ok(Visit::Applied { end })
             })?;
-            let Some((_, header, outcome)) = visited else {
+            // `None`: the end of the log.
+            let Some((_, header, visit)) = visited else {
                 break;
             };
-            let Some(end) = outcome? else {
+            let Visit::Applied { end } = visit? else {
                 break;
             };
             pos = Position {

@@ -28,6 +28,12 @@ FIO_S=${BENCH_FIO_SECONDS:-5}
 QUEUES=${BENCH_QUEUES:-"1 2"}
 MB=$((SIZE_MB / 2))
 now() { cut -d' ' -f1 /proc/uptime; }
+# 4 KiB random I/O at queue depth 32 on device $1: rand_fio DEV randread|randwrite SECONDS [fio options]
+rand_fio() {
+  r_dev=$1 r_rw=$2 r_s=$3; shift 3
+  fio --name=b --filename="$r_dev" --direct=1 --ioengine=libaio --iodepth=32 --rw=$r_rw --bs=4k \
+      --size=${MB}M --time_based --runtime=$r_s "$@"
+}
 mbps() { awk -v s="$1" -v e="$2" -v m="$3" 'BEGIN{d=e-s; if (d<0.01) d=0.01; printf "%.1f", m/d}'; }
 waitdev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; [ -b "$1" ]; }
 # adm LABEL ARGS...: the marsadm of the marsd that serves device LABEL.
@@ -84,8 +90,7 @@ one() {
       echo "BENCH $o_label $o_w $(mbps "$o_s" "$o_e" $MB) MiB/s" ;;
     rand-*)
       o_rw=${o_w#rand-}; o_rw=${o_rw%-4k-qd32}
-      o_iops=$(fio --name=b --filename="$o_dev" --direct=1 --ioengine=libaio --iodepth=32 --rw=$o_rw --bs=4k \
-               --size=${MB}M --time_based --runtime=$FIO_S --output-format=terse --terse-version=3 2>/dev/null |
+      o_iops=$(rand_fio "$o_dev" $o_rw $FIO_S --output-format=terse --terse-version=3 2>/dev/null |
              awk -F';' -v rw=$o_rw '{print (rw=="randread") ? $8 : $49}')
       echo "BENCH $o_label $o_w ${o_iops:-0} IOPS" ;;
   esac
@@ -160,8 +165,7 @@ if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null; then
     p_pid=$(cat /tmp/$p_l/marsd.pid)
     for p_w in randwrite randread; do
       drain
-      fio --name=b --filename="${d#*=}" --direct=1 --ioengine=libaio --iodepth=32 --rw=$p_w --bs=4k \
-          --size=${MB}M --time_based --runtime=10 >/dev/null 2>&1 &
+      rand_fio "${d#*=}" $p_w 10 >/dev/null 2>&1 &
       sleep 2
       perf record -F 999 -p "$p_pid" -o /tmp/perf.data -- sleep 6 >/dev/null 2>&1
       wait
