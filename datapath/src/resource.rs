@@ -1083,17 +1083,17 @@ impl BlockIo for VolumeHandle {
 
 /// A stretch of log written in one history: a logfile, or an epoch of
 /// the lineage.
-struct Span<'a> {
-    generation: u64,
-    origin: &'a str,
-    start: u64,
-    end: u64,
+pub(crate) struct Span<'a> {
+    pub generation: u64,
+    pub origin: &'a str,
+    pub start: u64,
+    pub end: u64,
 }
 
 impl Span<'_> {
     /// Where this stretch leaves the history of primary `p` (see
     /// [`Resource::fork_from`]), if it holds records that are not `p`'s.
-    fn leaves(&self, p: &PrimaryInfo) -> Option<u64> {
+    pub(crate) fn leaves(&self, p: &PrimaryInfo) -> Option<u64> {
         if self.generation < p.generation && self.end > p.start_pos {
             Some(p.start_pos.max(self.start))
         } else if self.generation == p.generation && self.origin != p.node {
@@ -1240,6 +1240,34 @@ mod tests {
         assert_eq!(read_all(&h).await, expect);
         let first = r.store.first_pos().unwrap();
         assert!(first > 0, "old logfiles were deleted");
+    }
+
+    /// Which stretches of log are not the history of a primary that began
+    /// at 100 in generation 2 on "c": an older generation's records past
+    /// 100, and generation 2 written by another node.
+    #[test]
+    fn a_span_leaves_a_history_where_it_holds_records_that_are_not_its() {
+        let p = PrimaryInfo {
+            node: "c".into(),
+            generation: 2,
+            start_pos: 100,
+        };
+        let span = |generation, origin, start, end| Span {
+            generation,
+            origin,
+            start,
+            end,
+        };
+        assert_eq!(span(1, "a", 0, 100).leaves(&p), None, "up to the start");
+        assert_eq!(span(1, "a", 0, 101).leaves(&p), Some(100));
+        assert_eq!(span(1, "a", 150, 200).leaves(&p), Some(150));
+        assert_eq!(span(2, "c", 100, 900).leaves(&p), None, "its own");
+        assert_eq!(
+            span(2, "b", 100, 900).leaves(&p),
+            Some(100),
+            "a rival of the same generation"
+        );
+        assert_eq!(span(3, "b", 500, 900).leaves(&p), None, "newer: not judged");
     }
 
     /// A deposed primary whose older logfiles are deleted (written back)

@@ -1016,6 +1016,10 @@ const FOUND: &[(u64, &str)] = &[
         17947113308001176731,
         "a handover to a replica whose device sync had failed waited for a restart that never came",
     ),
+    (
+        8872582947007633645,
+        "an invalidated replica fetched a deposed history from a split-brained replica",
+    ),
 ];
 
 #[test]

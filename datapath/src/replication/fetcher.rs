@@ -225,6 +225,26 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                         )));
                     }
                     check_records(&data, records, a.next_seq())?;
+                    // Another replica may serve a deposed history (it is in
+                    // split brain and not yet told so): nothing of it past
+                    // the current primary's start is taken (sim_cluster
+                    // seed 8872582947007633645).
+                    if let Some(p) = cluster.primary_of(res.name())
+                        && let Some(f) = store.files().last()
+                    {
+                        let span = crate::resource::Span {
+                            generation: f.header.generation,
+                            origin: &f.origin,
+                            start: f.header.start_pos,
+                            end: pos + data.len() as u64,
+                        };
+                        if let Some(fork) = span.leaves(&p) {
+                            return Err(FetchError::Bad(format!(
+                                "{} sent records of another history than {}'s (generation {} of {}) past log position {fork}",
+                                primary.node, p.node, f.header.generation, f.origin
+                            )));
+                        }
+                    }
                     crate::net::block_in_place(|| a.append(&data, records))
                         .map_err(|e| FetchError::Local(e.to_string()))?;
                     store.note_append(a.start_pos(), a.end_pos(), a.next_seq());

@@ -295,6 +295,22 @@ async fn ship(
     if res.meta().disconnected {
         return refuse(s, format!("{resource} is disconnected on {}", node.name())).await;
     }
+    // A replica that serves in the primary's stead must be on its history
+    // (it may hold a deposed one it has not yet been told of).
+    if res.logger().is_none()
+        && let Some(p) = node.cluster().primary_of(resource)
+        && let Some(fork) = res.fork_from(&p)
+    {
+        return refuse(
+            s,
+            format!(
+                "the log of {resource} on {} leaves the history of {} at position {fork}",
+                node.name(),
+                p.node
+            ),
+        )
+        .await;
+    }
     let store = Arc::clone(res.store());
     let files = store.files();
     let mut pos = from_pos;
