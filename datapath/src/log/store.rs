@@ -463,6 +463,26 @@ impl LogStore {
         }
     }
 
+    /// Removes one logfile and takes it off the list at once, so that a
+    /// deletion or cut that fails further on (a directory sync, the file a
+    /// cut truncates) leaves a list that matches the directory: a file
+    /// left listed but gone made every later resume or cut fail for ever
+    /// (sim_cluster seeds 4235811102720142503, 1795293344335549936). A
+    /// file already gone (an earlier try that failed further on) counts
+    /// as removed. Returns the bytes of records it held.
+    fn remove_logfile(&self, f: &LogFileInfo) -> Result<u64> {
+        match self.storage.remove_file(&f.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&f.path)(e)),
+        }
+        self.files
+            .lock()
+            .expect("log store lock")
+            .retain(|l| l.file_seq != f.file_seq);
+        Ok(f.end_pos - f.header.start_pos)
+    }
+
     /// Deletes logfiles that end at or before `pos`, never the newest one.
     /// Returns how many bytes of records were freed.
     pub fn delete_before(&self, pos: u64) -> Result<u64> {
@@ -477,21 +497,7 @@ impl LogStore {
         };
         let mut freed = 0;
         for f in &doomed {
-            match self.storage.remove_file(&f.path) {
-                Ok(()) => {}
-                // Removed by an earlier try that failed further on.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&f.path)(e)),
-            }
-            // Off the list at once, as in `truncate_to`: a failure further
-            // on (the directory's sync) must not leave a file on the list
-            // that is gone (sim_cluster seed 1795293344335549936: the
-            // fetcher then resumed in it and failed for ever).
-            self.files
-                .lock()
-                .expect("log store lock")
-                .retain(|l| l.file_seq != f.file_seq);
-            freed += f.end_pos - f.header.start_pos;
+            freed += self.remove_logfile(f)?;
             tracing::info!(file = %f.path.display(), end = f.end_pos, "deleted logfile");
         }
         if !doomed.is_empty() {
@@ -601,20 +607,7 @@ impl LogStore {
                 break;
             }
             if f.header.start_pos >= pos {
-                match self.storage.remove_file(&f.path) {
-                    Ok(()) => {}
-                    // Removed by an earlier cut that failed further on.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(&f.path)(e)),
-                }
-                // Off the list at once: a cut that fails further on (at
-                // the file it truncates) leaves a list that matches the
-                // directory, and the next try does not stumble on it.
-                self.files
-                    .lock()
-                    .expect("log store lock")
-                    .retain(|l| l.file_seq != f.file_seq);
-                freed += f.end_pos - f.header.start_pos;
+                freed += self.remove_logfile(f)?;
                 tracing::warn!(file = %f.path.display(), pos, "cutting the log back: deleted logfile");
             } else {
                 let file = self
