@@ -774,11 +774,7 @@ impl Node {
                 // before its role turns secondary (stopping the logger may
                 // take a while), so that it never shows as a consistent
                 // secondary meanwhile (sim_cluster seeds 274, 382).
-                if let Err(e) = res.update_meta(|m| {
-                    m.split_brain = true;
-                    m.divergent_bytes = end - fork;
-                    m.disk_state = resource::DiskState::Outdated;
-                }) {
+                if let Err(e) = res.record_split_brain(end - fork) {
                     tracing::error!(resource = %name, error = %e, "recording the split brain failed");
                 }
             }
@@ -816,11 +812,7 @@ impl Node {
                     res.truncate_log(fork)
                 } else {
                     tracing::error!(resource = %name, fork, end, new_primary = %p.node, "SPLIT BRAIN: this replica holds {} bytes of a deposed history; run `marsadm invalidate {name}` here (or leave-resource)", end - fork);
-                    res.update_meta(|m| {
-                        m.split_brain = true;
-                        m.divergent_bytes = end - fork;
-                        m.disk_state = resource::DiskState::Outdated;
-                    })
+                    res.record_split_brain(end - fork)
                 }
             });
             if let Err(e) = outcome {

@@ -830,6 +830,16 @@ impl Resource {
         (end > fork).then_some(fork)
     }
 
+    /// Records that this replica holds `divergent_bytes` of a deposed
+    /// history: split brain, Outdated until `invalidate`.
+    pub(crate) fn record_split_brain(&self, divergent_bytes: u64) -> Result<()> {
+        self.update_meta(|m| {
+            m.split_brain = true;
+            m.divergent_bytes = divergent_bytes;
+            m.disk_state = DiskState::Outdated;
+        })
+    }
+
     /// Cuts the local log back to the fork point of a new history (only
     /// records that were fetched, never applied, are cut).
     pub(crate) fn truncate_log(&self, pos: u64) -> Result<()> {

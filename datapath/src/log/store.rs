@@ -390,6 +390,8 @@ impl LogStore {
             start_pos: header.start_pos,
             end_pos: header.start_pos,
             next_seq: header.first_seq,
+            generation: header.generation,
+            origin: origin.to_string(),
         })
     }
 
@@ -447,6 +449,8 @@ impl LogStore {
             start_pos: last.header.start_pos,
             end_pos: last.end_pos,
             next_seq: last.end_seq,
+            generation: last.header.generation,
+            origin: last.origin,
         }))
     }
 
@@ -573,25 +577,21 @@ impl LogStore {
             .storage
             .open(&f.path, OpenMode::Read)
             .map_err(Error::io(&f.path))?;
-        let mut reader = RecordReader::new(file, FIRST_RECORD, Some(f.header.first_seq))
-            .map_err(Error::io(&f.path))?;
-        let mut end = f.header.start_pos;
-        while let Some((off, header, raw)) = reader.next_raw().map_err(Error::io(&f.path))? {
-            end = f.header.start_pos + off - FIRST_RECORD + header.encoded_len();
-            if end == pos {
-                return Ok(RecordBefore::Ends(super::format::record_crc(raw)));
-            }
-            if end > pos {
-                return Ok(RecordBefore::NoBoundary);
-            }
+        let read = records_up_to(f, file, pos)?;
+        match read.last_crc {
+            Some(crc) if read.end == pos => Ok(RecordBefore::Ends(crc)),
+            _ if read.end > pos => Ok(RecordBefore::NoBoundary),
+            // The records stop short of what the list says the file holds:
+            // a damaged read, never an answer.
+            _ => Err(Error::Corruption {
+                path: f.path.clone(),
+                offset: read.end - f.header.start_pos + FIRST_RECORD,
+                what: format!(
+                    "records read only up to log position {}, short of {pos}",
+                    read.end
+                ),
+            }),
         }
-        // The records stop short of what the list says the file holds: a
-        // damaged read, never an answer.
-        Err(Error::Corruption {
-            path: f.path.clone(),
-            offset: end - f.header.start_pos + FIRST_RECORD,
-            what: format!("records read only up to log position {end}, short of {pos}"),
-        })
     }
 
     /// Cuts the log back to `pos` (a record boundary): later logfiles are
@@ -614,18 +614,8 @@ impl LogStore {
                     .storage
                     .open(&f.path, OpenMode::ReadWrite)
                     .map_err(Error::io(&f.path))?;
-                let mut reader =
-                    RecordReader::new(Arc::clone(&file), FIRST_RECORD, Some(f.header.first_seq))
-                        .map_err(Error::io(&f.path))?;
-                let mut end_seq = f.header.first_seq;
-                let mut kept_end = f.header.start_pos;
-                while let Some((off, header, _)) = reader.next_raw().map_err(Error::io(&f.path))? {
-                    if f.header.start_pos + off - FIRST_RECORD >= pos {
-                        break;
-                    }
-                    end_seq = header.seq + 1;
-                    kept_end = f.header.start_pos + off - FIRST_RECORD + header.encoded_len();
-                }
+                let kept = records_up_to(f, Arc::clone(&file), pos)?;
+                let (kept_end, end_seq) = (kept.end, kept.next_seq);
                 // A read that stops short (a damaged read ends the records
                 // like a torn tail) would leave `end_seq` short of the
                 // records kept, and every later append would be refused
@@ -795,6 +785,38 @@ fn scan_file(
     Ok((info.header.start_pos + valid_end - FIRST_RECORD, end_seq))
 }
 
+/// The records of logfile `f` read from its start until one ends at or
+/// past log position `pos` (or the records end): where the last one read
+/// ends, the sequence number after it, and its checksum (`None`: none was
+/// read). What a cut keeps and what precedes a resume point are both
+/// found by this walk.
+struct RecordsUpTo {
+    end: u64,
+    next_seq: u64,
+    last_crc: Option<u32>,
+}
+
+fn records_up_to(f: &LogFileInfo, file: Arc<dyn File>, pos: u64) -> Result<RecordsUpTo> {
+    let mut reader = RecordReader::new(file, FIRST_RECORD, Some(f.header.first_seq))
+        .map_err(Error::io(&f.path))?;
+    let mut read = RecordsUpTo {
+        end: f.header.start_pos,
+        next_seq: f.header.first_seq,
+        last_crc: None,
+    };
+    while read.end < pos {
+        let Some((off, header, raw)) = reader.next_raw().map_err(Error::io(&f.path))? else {
+            break;
+        };
+        read = RecordsUpTo {
+            end: f.header.start_pos + off - FIRST_RECORD + header.encoded_len(),
+            next_seq: header.seq + 1,
+            last_crc: Some(super::format::record_crc(raw)),
+        };
+    }
+    Ok(read)
+}
+
 /// What a log holds just before a position ([`LogStore::record_before`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordBefore {
@@ -825,9 +847,19 @@ pub struct Appender {
     start_pos: u64,
     end_pos: u64,
     next_seq: u64,
+    /// The history the logfile's records belong to (its header's
+    /// generation, its name's origin).
+    generation: u64,
+    origin: String,
 }
 
 impl Appender {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
     pub fn end_pos(&self) -> u64 {
         self.end_pos
     }

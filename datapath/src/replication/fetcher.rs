@@ -160,8 +160,8 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                     .await
                     .map_err(|_| FetchError::Silent(PEER_TIMEOUT))??;
             cluster.heard_from(&primary.node);
-            let now_designated = cluster.primary_of(res.name()).map(|p| p.node);
-            if now_designated != designated {
+            let now_primary = cluster.primary_of(res.name());
+            if now_primary.as_ref().map(|p| &p.node) != designated.as_ref() {
                 return Err(FetchError::Bad(
                     "a stream from before a change of primary; switching".into(),
                 ));
@@ -229,19 +229,20 @@ async fn fetch_once(res: &Arc<Resource>, cluster: &Arc<Cluster>) -> Result<(), F
                     // split brain and not yet told so): nothing of it past
                     // the current primary's start is taken (sim_cluster
                     // seed 8872582947007633645).
-                    if let Some(p) = cluster.primary_of(res.name())
-                        && let Some(f) = store.files().last()
-                    {
+                    if let Some(p) = &now_primary {
                         let span = crate::resource::Span {
-                            generation: f.header.generation,
-                            origin: &f.origin,
-                            start: f.header.start_pos,
+                            generation: a.generation(),
+                            origin: a.origin(),
+                            start: a.start_pos(),
                             end: pos + data.len() as u64,
                         };
-                        if let Some(fork) = span.leaves(&p) {
+                        if let Some(fork) = span.leaves(p) {
                             return Err(FetchError::Bad(format!(
                                 "{} sent records of another history than {}'s (generation {} of {}) past log position {fork}",
-                                primary.node, p.node, f.header.generation, f.origin
+                                primary.node,
+                                p.node,
+                                a.generation(),
+                                a.origin()
                             )));
                         }
                     }
