@@ -552,6 +552,16 @@ impl Node {
                 self.cfg.node
             )));
         }
+        // It could never catch up: the primary no longer has the log from
+        // its position (a full sync comes first). Refused before the primary
+        // is asked to stop (a handover waited its full time for it,
+        // sim_cluster seed 106813077626699214).
+        if res.log_gone.load(Ordering::Acquire) {
+            return Err(Error::Cluster(format!(
+                "{name} on {} needs a full sync first ({old} no longer has the log from its position): not taking over",
+                self.cfg.node
+            )));
+        }
         let addr = self.cluster.addr_of(old).ok_or_else(|| {
             Error::Cluster(format!("{name}: no address known for its primary {old}"))
         })?;

@@ -1020,6 +1020,10 @@ const FOUND: &[(u64, &str)] = &[
         8872582947007633645,
         "an invalidated replica fetched a deposed history from a split-brained replica",
     ),
+    (
+        106813077626699214,
+        "a handover to a replica that needed a full sync waited its full time",
+    ),
 ];
 
 #[test]
