@@ -79,6 +79,20 @@ impl Drop for DoneOnDrop {
 /// current-thread runtime, or in a simulation as a task on the current
 /// runtime.
 pub fn spawn_worker(name: String, fut: impl Future<Output = ()> + Send + 'static) -> Worker {
+    spawn_background_worker(name, 0, fut)
+}
+
+/// Like [`spawn_worker`], for work that may wait while the CPUs are busy:
+/// its thread runs at nice value `nice` (0: normal; a simulation ignores
+/// it). Writeback uses this, so that under a CPU-bound burst the writers,
+/// whose requests wait for them, get the CPUs and the log absorbs the burst,
+/// as the MARS design intends; the overlay's limit still paces the writers
+/// by writeback, which then has the CPUs to itself.
+pub fn spawn_background_worker(
+    name: String,
+    nice: i32,
+    fut: impl Future<Output = ()> + Send + 'static,
+) -> Worker {
     if simulated() {
         let done = Arc::new(AtomicBool::new(false));
         let guard = DoneOnDrop(Arc::clone(&done));
@@ -91,6 +105,9 @@ pub fn spawn_worker(name: String, fut: impl Future<Output = ()> + Send + 'static
     let t = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            if nice != 0 {
+                set_thread_nice(nice);
+            }
             tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
@@ -99,6 +116,18 @@ pub fn spawn_worker(name: String, fut: impl Future<Output = ()> + Send + 'static
         })
         .expect("spawn worker thread");
     Worker(WorkerKind::Thread(t))
+}
+
+/// Sets the calling thread's nice value (on Linux `setpriority` with
+/// `PRIO_PROCESS` and 0 names the calling thread, not the process). A
+/// failure (a negative value without the privilege) leaves the thread as it
+/// was, with a warning.
+fn set_thread_nice(nice: i32) {
+    // SAFETY: a plain syscall on the calling thread; no memory is passed.
+    let r = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, nice) };
+    if r != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "cannot set a worker thread's nice value");
+    }
 }
 
 impl Worker {

@@ -6,10 +6,11 @@
 //! overlay until writeback has put them on the backing device.
 //!
 //! Workers (`exec::spawn_worker`: each on its own thread in marsd, tasks in
-//! a simulation): the logger appends (it alone owns the [`Appender`]); the
-//! syncer runs fdatasync so that appends go on during a sync; writeback
-//! (see `writeback.rs`). Async callers talk to them through channels and
-//! oneshots.
+//! a simulation): the logger appends; the syncer runs fdatasync so that
+//! appends go on during a sync; writeback (see `writeback.rs`). Async
+//! callers talk to them through channels and oneshots. A ublk queue thread
+//! may append its own batch instead of handing it to the logger thread
+//! (see [`hold_sends`]); whoever appends holds the log's [`Tail`].
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -123,6 +124,9 @@ pub struct LoggerConfig {
     pub logfile_size: u64,
     /// Bytes of not-yet-written-back data held in memory at most.
     pub overlay_limit: u64,
+    /// Nice value of the writeback thread (0: as the others); see
+    /// `exec::spawn_background_worker`.
+    pub writeback_nice: i32,
     /// Backing device and where its written-back position is persisted.
     pub backing_path: PathBuf,
     pub position_path: PathBuf,
@@ -152,6 +156,17 @@ pub(crate) enum LogReq {
     Batch(Vec<LogReq>),
 }
 
+/// The end of the log, where appends go: one appender at a time holds it.
+struct Tail {
+    appender: Appender,
+    file_seq: u64,
+    /// Record headers of the batch being appended (reused).
+    buf: Vec<u8>,
+    /// The logger thread has made the log durable and ended: nothing more
+    /// may be appended.
+    ended: bool,
+}
+
 /// Requests for one logger held back on this thread.
 pub(crate) struct Held {
     logger: *const Logger,
@@ -165,14 +180,21 @@ thread_local! {
 }
 
 /// Holds back the requests this thread sends to loggers until the returned
-/// guard is dropped, then sends each logger its requests as one message.
-/// For a ublk queue thread, which starts many writes in one go: the logger
-/// thread is woken once for them instead of once per write.
+/// guard is dropped, then appends each logger's requests right here if its
+/// log is free (no other thread appending) and they need no new logfile,
+/// or else sends them to its logger thread as one message.
+/// For a ublk queue thread, which starts many writes in one go: its writes
+/// complete without waking another thread and being woken back (two
+/// context switches per batch, a large share of a small write's CPU); at
+/// worst the logger thread is woken once for them instead of once per write.
 pub(crate) fn hold_sends() -> crate::held::Guard<Held> {
     crate::held::hold(&HELD_SENDS, |held| {
         for h in held {
-            if let Err(mpsc::error::SendError(LogReq::Batch(reqs))) =
-                h.tx.send(LogReq::Batch(h.reqs))
+            let reqs = append_here(&h.shared, h.reqs);
+            if reqs.is_empty() {
+                continue;
+            }
+            if let Err(mpsc::error::SendError(LogReq::Batch(reqs))) = h.tx.send(LogReq::Batch(reqs))
             {
                 // The logger ended meanwhile: the writers see their reply
                 // channel dropped (shutting down); return their quota.
@@ -254,6 +276,7 @@ pub(crate) struct Shared {
     /// (end of a committed batch, the durable position it claims), oldest
     /// first: once a sync covers the batch, its claim is vouched for.
     claims: Mutex<VecDeque<(u64, u64)>>,
+    tail: Mutex<Tail>,
 }
 
 impl Shared {
@@ -417,18 +440,25 @@ impl Logger {
             // Everything recovery found is written back already.
             vouched: AtomicU64::new(appender.end_pos()),
             claims: Mutex::new(VecDeque::new()),
+            tail: Mutex::new(Tail {
+                appender,
+                file_seq,
+                buf: Vec::with_capacity(1 << 20),
+                ended: false,
+            }),
             cfg,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let name = &shared.cfg.resource;
         use crate::exec::spawn_worker as spawn;
         let threads = vec![
-            spawn(
-                format!("log-{name}"),
-                log_loop(Arc::clone(&shared), rx, appender, file_seq),
-            ),
+            spawn(format!("log-{name}"), log_loop(Arc::clone(&shared), rx)),
             spawn(format!("sync-{name}"), sync_loop(Arc::clone(&shared))),
-            spawn(format!("wb-{name}"), writeback::run(Arc::clone(&shared))),
+            crate::exec::spawn_background_worker(
+                format!("wb-{name}"),
+                shared.cfg.writeback_nice,
+                writeback::run(Arc::clone(&shared)),
+            ),
         ];
         Ok(Arc::new(Logger {
             shared,
@@ -692,18 +722,13 @@ struct Staged {
     reply: oneshot::Sender<Result<(), IoError>>,
 }
 
-async fn log_loop(
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<LogReq>,
-    mut appender: Appender,
-    mut file_seq: u64,
-) {
-    let mut buf = Vec::with_capacity(1 << 20);
+async fn log_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<LogReq>) {
     let mut writes: Vec<Staged> = Vec::new();
     let push = |reqs: &mut Vec<LogReq>, r| match r {
         LogReq::Batch(batch) => reqs.extend(batch),
         r => reqs.push(r),
     };
+    let tail = || shared.tail.lock().expect("tail lock");
     while let Some(first) = rx.recv().await {
         let mut reqs = Vec::new();
         push(&mut reqs, first);
@@ -715,43 +740,14 @@ async fn log_loop(
         }
         for req in reqs {
             match req {
-                LogReq::Write {
-                    offset,
-                    len,
-                    data,
-                    fua,
-                    quota,
-                    permit,
-                    reply,
-                } => {
-                    let records = split_write(&shared, RecordKind::Write, offset, len, data);
-                    writes.push(Staged {
-                        records,
-                        fua,
-                        quota,
-                        permit,
-                        reply,
-                    });
-                }
-                LogReq::Resize { size, reply } => {
-                    // Holds no data, so it borrows no overlay budget.
-                    let permit = Arc::new(Semaphore::new(1))
-                        .try_acquire_owned()
-                        .expect("fresh semaphore has a permit");
-                    let records = split_write(&shared, RecordKind::Resize, size, 0, None);
-                    writes.push(Staged {
-                        records,
-                        fua: true,
-                        quota: 0,
-                        permit,
-                        reply,
-                    });
-                }
-                LogReq::Batch(_) => unreachable!("batches are taken apart on receipt"),
                 LogReq::Rotate { reply } => {
-                    commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
-                    let res = if appender.file_bytes() > FILE_HEADER_LEN as u64 {
-                        rotate(&shared, &mut appender, &mut file_seq).map(|()| true)
+                    let mut tail = tail();
+                    commit(&shared, &mut tail, &mut writes);
+                    let res = if tail.appender.file_bytes() > FILE_HEADER_LEN as u64 {
+                        let Tail {
+                            appender, file_seq, ..
+                        } = &mut *tail;
+                        rotate(&shared, appender, file_seq).map(|()| true)
                     } else {
                         Ok(false)
                     };
@@ -759,20 +755,93 @@ async fn log_loop(
                         let _ = r.send(res);
                     }
                 }
+                LogReq::Batch(_) => unreachable!("batches are taken apart on receipt"),
+                req => writes.extend(stage(&shared, req)),
             }
         }
-        commit(&shared, &mut appender, &mut file_seq, &mut buf, &mut writes);
+        commit(&shared, &mut tail(), &mut writes);
     }
     // Closing: make everything appended durable for writeback.
-    match shared.sync_log(|| appender.sync()) {
-        Ok(()) => shared.synced_to(appender.end_pos()),
+    let mut tail = tail();
+    match shared.sync_log(|| tail.appender.sync()) {
+        Ok(()) => shared.synced_to(tail.appender.end_pos()),
         Err(e) => {
             tracing::error!(resource = %shared.cfg.resource, error = %e, "final sync of the log failed")
         }
     }
+    tail.ended = true;
+    drop(tail);
     shared.log_done.store(true, Ordering::Release);
     shared.group.stop();
     shared.wb_wake.notify_one();
+}
+
+/// Turns a write or resize request into records to append (`None` for
+/// other requests).
+fn stage(shared: &Shared, req: LogReq) -> Option<Staged> {
+    match req {
+        LogReq::Write {
+            offset,
+            len,
+            data,
+            fua,
+            quota,
+            permit,
+            reply,
+        } => Some(Staged {
+            records: split_write(shared, RecordKind::Write, offset, len, data),
+            fua,
+            quota,
+            permit,
+            reply,
+        }),
+        LogReq::Resize { size, reply } => {
+            // Holds no data, so it borrows no overlay budget.
+            let permit = Arc::new(Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("fresh semaphore has a permit");
+            Some(Staged {
+                records: split_write(shared, RecordKind::Resize, size, 0, None),
+                fua: true,
+                quota: 0,
+                permit,
+                reply,
+            })
+        }
+        LogReq::Rotate { .. } | LogReq::Batch(_) => None,
+    }
+}
+
+/// Appends `reqs` on the calling thread if they are all writes, no other
+/// thread is appending, and they fit in the current logfile (rotating
+/// syncs the log, which a ublk queue thread must not wait for). Returns
+/// what it did not append, for the logger thread.
+fn append_here(shared: &Shared, reqs: Vec<LogReq>) -> Vec<LogReq> {
+    if !reqs.iter().all(|r| matches!(r, LogReq::Write { .. })) {
+        return reqs;
+    }
+    let Ok(mut tail) = shared.tail.try_lock() else {
+        return reqs;
+    };
+    let bytes: u64 = reqs
+        .iter()
+        .map(|r| match r {
+            LogReq::Write { quota, .. } => *quota,
+            _ => 0,
+        })
+        .sum();
+    if tail.ended || needs_rotation(shared, &tail.appender, bytes) {
+        return reqs;
+    }
+    let mut writes: Vec<Staged> = reqs.into_iter().filter_map(|r| stage(shared, r)).collect();
+    commit(shared, &mut tail, &mut writes);
+    Vec::new()
+}
+
+/// Whether a batch of `bytes` must start a new logfile first.
+fn needs_rotation(shared: &Shared, appender: &Appender, bytes: u64) -> bool {
+    appender.file_bytes() > FILE_HEADER_LEN as u64
+        && appender.file_bytes() + bytes > shared.cfg.logfile_size
 }
 
 /// Turns a request into records of at most `MAX_PAYLOAD` bytes (sequence
@@ -836,23 +905,22 @@ fn fail_all(shared: &Shared, writes: &mut Vec<Staged>, err: impl Fn() -> IoError
 }
 
 /// Appends the staged writes as one batch and completes them.
-fn commit(
-    shared: &Shared,
-    appender: &mut Appender,
-    file_seq: &mut u64,
-    buf: &mut Vec<u8>,
-    writes: &mut Vec<Staged>,
-) {
+fn commit(shared: &Shared, tail: &mut Tail, writes: &mut Vec<Staged>) {
     if writes.is_empty() {
         return;
     }
+    let Tail {
+        appender,
+        file_seq,
+        buf,
+        ..
+    } = tail;
     let batch_bytes: u64 = writes
         .iter()
         .flat_map(|w| &w.records)
         .map(|(_, r)| r.header.encoded_len())
         .sum();
-    if appender.file_bytes() > FILE_HEADER_LEN as u64
-        && appender.file_bytes() + batch_bytes > shared.cfg.logfile_size
+    if needs_rotation(shared, appender, batch_bytes)
         && let Err(e) = rotate(shared, appender, file_seq)
     {
         let msg = e.to_string();

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub node: String,
     pub logfile_size: u64,
     pub overlay_limit: u64,
+    /// Nice value of each primary's writeback thread (`--writeback-nice`).
+    pub writeback_nice: i32,
     /// `None`: 16 GiB or half the free space of the root, whichever is smaller.
     pub log_quota: Option<u64>,
     /// Where peers reach this node's replication port.
@@ -179,6 +181,7 @@ impl Node {
             node: self.cfg.node.clone(),
             logfile_size: self.cfg.logfile_size,
             overlay_limit: self.cfg.overlay_limit,
+            writeback_nice: self.cfg.writeback_nice,
         }
     }
 

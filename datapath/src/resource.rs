@@ -169,6 +169,8 @@ pub struct Settings {
     pub node: String,
     pub logfile_size: u64,
     pub overlay_limit: u64,
+    /// Nice value of the primary's writeback thread (see `LoggerConfig`).
+    pub writeback_nice: i32,
 }
 
 const META_FILE: &str = "resource.json";
@@ -539,6 +541,7 @@ impl Resource {
             generation: st.meta.generation,
             logfile_size: self.settings.logfile_size,
             overlay_limit: self.settings.overlay_limit,
+            writeback_nice: self.settings.writeback_nice,
             backing_path: st.meta.backing.clone(),
             position_path: self.dir.join(POSITION_FILE),
         };
@@ -1124,6 +1127,7 @@ mod tests {
             node: "n1".into(),
             logfile_size,
             overlay_limit,
+            writeback_nice: 0,
         };
         let r = Resource::create(
             Arc::new(RealStorage),
@@ -1217,6 +1221,87 @@ mod tests {
             c.written_back.load(Ordering::Acquire),
             c.appended.load(Ordering::Acquire)
         );
+    }
+
+    /// A ublk queue thread holds the writes its tasks start (`hold_sends`)
+    /// and appends them itself when the hold ends, unless they need a new
+    /// logfile (the logger thread rotates). In a simulation the logger
+    /// thread is a task of this thread's runtime, which cannot run while
+    /// the test polls: a write that is complete right after the hold ended
+    /// was appended by this thread.
+    #[test]
+    fn writes_held_on_a_thread_are_appended_there_when_the_hold_ends() {
+        use std::task::{Context, Poll, Waker};
+        let sim = crate::exec::Sim::install();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Like a queue thread: in the runtime's context, not in a task (whose
+        // cooperative budget would make some writes wait for no reason).
+        let enter = rt.enter();
+        let tmp = tempfile::tempdir().unwrap();
+        // 1 MiB logfiles for 2 MiB of writes: some batches need a new one.
+        let r = setup(tmp.path(), 1 << 20, 64 << 20, 1 << 30);
+        let h = r.open().unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut expect = std::collections::BTreeMap::new();
+        let (mut here, mut elsewhere) = (0, 0);
+        for round in 0..64u64 {
+            let held = crate::logger::hold_sends();
+            let mut writes: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let n = round * 8 + i;
+                    // Scattered 4 KiB blocks, some written twice.
+                    let off = (n * 7919 % 3000) * 4096;
+                    let data = pattern(n, 4096);
+                    expect.insert(off, data.clone());
+                    Box::pin(h.write(off, data, false))
+                })
+                .collect();
+            for w in &mut writes {
+                assert!(w.as_mut().poll(&mut cx).is_pending(), "held, not sent");
+            }
+            drop(held);
+            let mut pending = Vec::new();
+            for mut w in writes {
+                match w.as_mut().poll(&mut cx) {
+                    Poll::Ready(res) => {
+                        res.unwrap();
+                        here += 1;
+                    }
+                    Poll::Pending => pending.push(w),
+                }
+            }
+            // Only now may the logger task run.
+            for w in pending {
+                rt.block_on(w).unwrap();
+                elsewhere += 1;
+            }
+        }
+        assert!(
+            here >= 8 * 60 && elsewhere >= 8,
+            "{here} writes appended by the holding thread, {elsewhere} by the logger thread"
+        );
+        assert!(r.store.files().len() > 1, "the log rotated in between");
+        // Every block reads back from the overlay (or, once written back,
+        // from the backing file).
+        let logger = r.logger().unwrap();
+        let image = tmp.path().join("r1.img");
+        for (off, data) in &expect {
+            let hits = logger.overlay_hits(*off, 4096).unwrap();
+            let got = match hits.as_slice() {
+                [hit] if hit.len == 4096 => hit.data.clone().unwrap(),
+                _ => {
+                    let f = std::fs::read(&image).unwrap();
+                    Bytes::copy_from_slice(&f[*off as usize..*off as usize + 4096])
+                }
+            };
+            assert_eq!(&got, data, "block at {off}");
+        }
+        drop((h, logger, r, enter));
+        drop(rt);
+        sim.close();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1339,6 +1424,7 @@ mod tests {
             node: "n1".into(),
             logfile_size: 1 << 20,
             overlay_limit: 8 << 20,
+            writeback_nice: 0,
         };
         let dir = resource_dir(&tmp.path().join("root"), "r1");
         let r = Resource::load(

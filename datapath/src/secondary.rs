@@ -410,6 +410,7 @@ mod tests {
             node: "b".into(),
             logfile_size: 1 << 20,
             overlay_limit: 1 << 20,
+            writeback_nice: 0,
         };
         let join = JoinPoint {
             start_pos: 0,

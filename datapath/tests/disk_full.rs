@@ -49,6 +49,7 @@ async fn a_full_state_root_fails_writes_cleanly_and_recovers_when_space_is_freed
         node: "n1".into(),
         logfile_size: 64 << 20,
         overlay_limit: 64 << 20,
+        writeback_nice: 0,
     };
     let r = Resource::create(
         Arc::new(RealStorage),

@@ -133,6 +133,7 @@ fn settings() -> Settings {
         node: "n1".into(),
         logfile_size: 48 << 10,
         overlay_limit: 32 << 10,
+        writeback_nice: 0,
     }
 }
 

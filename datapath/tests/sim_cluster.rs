@@ -157,6 +157,7 @@ impl Host {
             node: self.name.into(),
             logfile_size: 64 << 10,
             overlay_limit: 256 << 10,
+            writeback_nice: 0,
             log_quota: Some(256 << 20),
             advertise: format!("{}:{PORT}", self.name),
             devices: Default::default(),

@@ -84,7 +84,8 @@ one() {
   case $o_w in
     seq-write-1M)
       o_s=$(now); dd if=/dev/zero of="$o_dev" bs=1M count=$MB oflag=direct conv=fsync 2>/dev/null; o_e=$(now)
-      echo "BENCH $o_label $o_w $(mbps "$o_s" "$o_e" $MB) MiB/s" ;;
+      o_val=$(mbps "$o_s" "$o_e" $MB) o_unit=MiB/s o_secs=$(awk -v s="$o_s" -v e="$o_e" 'BEGIN{print e-s}')
+      echo "BENCH $o_label $o_w $o_val $o_unit" ;;
     seq-read-1M)
       o_s=$(now); dd if="$o_dev" of=/dev/null bs=1M count=$MB iflag=direct 2>/dev/null; o_e=$(now)
       echo "BENCH $o_label $o_w $(mbps "$o_s" "$o_e" $MB) MiB/s" ;;
@@ -92,9 +93,16 @@ one() {
       o_rw=${o_w#rand-}; o_rw=${o_rw%-4k-qd32}
       o_iops=$(rand_fio "$o_dev" $o_rw $FIO_S --output-format=terse --terse-version=3 2>/dev/null |
              awk -F';' -v rw=$o_rw '{print (rw=="randread") ? $8 : $49}')
-      echo "BENCH $o_label $o_w ${o_iops:-0} IOPS" ;;
+      o_val=${o_iops:-0} o_unit=IOPS o_secs=$FIO_S
+      echo "BENCH $o_label $o_w $o_val $o_unit" ;;
   esac
-  [ -n "$o_mars" ] || return 0
+  # A write's figure with the writeback it left counted in
+  # (WORKLOAD+tail): what the device sustains when the log may not grow.
+  # rublk leaves none.
+  if [ -z "$o_mars" ]; then
+    case $o_w in *write*) echo "BENCH $o_label $o_w+tail $o_val $o_unit" ;; esac
+    return 0
+  fi
   case $o_w in
     *write*)
       # A write run on a mars device must reach that marsd's log: else the
@@ -109,7 +117,9 @@ one() {
       # its figure; `written_back` moves every 0.5 s, so up to that much
       # too high).
       o_s=$(now); drain1 "$o_label"; o_e=$(now)
-      echo "BENCH-TAIL $o_label $o_w backlog $(( (o_a - o_wb) >> 20 )) MiB, written back $(awk -v s="$o_s" -v e="$o_e" 'BEGIN{printf "%.1f", e-s}') s later" ;;
+      o_tail=$(awk -v s="$o_s" -v e="$o_e" 'BEGIN{printf "%.1f", e-s}')
+      echo "BENCH-TAIL $o_label $o_w backlog $(( (o_a - o_wb) >> 20 )) MiB, written back $o_tail s later"
+      echo "BENCH $o_label $o_w+tail $(awk -v v="$o_val" -v r="$o_secs" -v t="$o_tail" 'BEGIN{printf "%.1f", v*r/(r+t)}') $o_unit" ;;
   esac
 }
 
@@ -155,7 +165,8 @@ while [ "$r" -le "$ROUNDS" ]; do
 done
 
 # BENCH_PERF=1: where each mars-qN device's marsd spends its CPU in 4 KiB
-# random writes and reads (perf sampling 6 s in the middle of a 10 s fio
+# random writes and reads and 1 MiB sequential writes (BENCH_PERF_WORKLOADS,
+# default "randwrite randread seqwrite") (perf sampling 6 s in the middle of a 10 s fio
 # run; perf slows the run, so its IOPS are not figures), per thread and
 # per thread and function, as NOTE lines.
 if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null; then
@@ -163,9 +174,17 @@ if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null; then
     p_l=${d%%=*}
     case $p_l in mars-q*) ;; *) continue ;; esac
     p_pid=$(cat /tmp/$p_l/marsd.pid)
-    for p_w in randwrite randread; do
+    for p_w in ${BENCH_PERF_WORKLOADS:-randwrite randread seqwrite}; do
       drain
-      rand_fio "${d#*=}" $p_w 10 >/dev/null 2>&1 &
+      case $p_w in
+        # 1 MiB O_DIRECT writes in a row, as the seq-write-1M runs, for 10 s.
+        seqwrite)
+          ( p_end=$(( $(cut -d. -f1 /proc/uptime) + 10 ))
+            while [ "$(cut -d. -f1 /proc/uptime)" -lt $p_end ]; do
+              dd if=/dev/zero of="${d#*=}" bs=1M count=$MB oflag=direct 2>/dev/null
+            done ) & ;;
+        *) rand_fio "${d#*=}" $p_w 10 >/dev/null 2>&1 & ;;
+      esac
       sleep 2
       perf record -F 999 -p "$p_pid" -o /tmp/perf.data -- sleep 6 >/dev/null 2>&1
       wait

@@ -58,6 +58,13 @@ struct Args {
     /// Memory for not-yet-written-back data, per resource; writers wait when it is full.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     overlay_limit: u64,
+    /// Nice value (0..=19) of each primary's writeback thread. Writeback
+    /// runs behind the writers: while they keep the CPUs busy, the log
+    /// absorbs their writes and writeback catches up when the CPUs are free
+    /// (or when the overlay is full and the writers wait for it). 0 gives
+    /// writeback an equal share.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    writeback_nice: i32,
     /// Expose every volume that becomes primary here as a ublk block device
     /// (/dev/ublkbN); without it, `marsadm up NAME` does so per volume.
     #[arg(long)]
@@ -141,6 +148,7 @@ async fn run(args: Args) -> Result<()> {
         node: args.node.clone(),
         logfile_size: args.logfile_size,
         overlay_limit: args.overlay_limit,
+        writeback_nice: args.writeback_nice,
         log_quota: args.log_quota,
         advertise: args
             .advertise

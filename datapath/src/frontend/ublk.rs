@@ -536,10 +536,17 @@ fn serve_queue<B: BlockIo>(
     exe.spawn(pump_wakeups(kick)).detach();
     let exe2 = Rc::clone(&exe);
     smol::block_on(exe.run(async {
-        // The writes the tasks start in one go reach the logger together.
-        let run_ops = || {
-            let _held = crate::logger::hold_sends();
+        // The writes the tasks start in one go reach the logger together,
+        // and are mostly appended right here when the hold ends; that
+        // completes tasks of this queue, so run again until none is ready.
+        let run_ops = || loop {
+            let held = crate::logger::hold_sends();
+            let ran = exe2.try_tick();
             while exe2.try_tick() {}
+            drop(held);
+            if !ran {
+                break;
+            }
         };
         let done = || tags.iter().all(|t| t.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await
