@@ -123,12 +123,14 @@ one() {
   esac
 }
 
-# start_mars LABEL MARSD PORT QUEUES: prints the device path. Logfiles of
-# 64M keep the log's share of the VM's tmpfs small.
+# start_mars LABEL MARSD PORT QUEUES [ARGS]: prints the device path.
+# Logfiles of 64M keep the log's share of the VM's tmpfs small; ARGS are
+# more marsd flags (word-split).
 start_mars() {
   mkdir -p /tmp/$1
+  # shellcheck disable=SC2086
   $2 --root /tmp/$1/root --node bench --listen 127.0.0.1:$3 --startup-wait 0 --logfile-size 64M \
-    --ublk-queues $4 >/tmp/$1/marsd.log 2>&1 &
+    --ublk-queues $4 ${5:-} >/tmp/$1/marsd.log 2>&1 &
   echo $! >/tmp/$1/marsd.pid
   i=0; while [ ! -S /tmp/$1/root/marsd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
   adm $1 create-resource vol /tmp/$1.img --size ${SIZE_MB}M >/dev/null
@@ -147,7 +149,7 @@ for q in $QUEUES; do
   waitdev "$dev" || { echo "BENCH-ERROR mars-q$q device missing"; exit 1; }
   devices="$devices mars-q$q=$dev" mars_labels="$mars_labels mars-q$q"
   if command -v marsd-base >/dev/null; then
-    dev=$(start_mars mars-base-q$q marsd-base $((7100 + q)) $q)
+    dev=$(start_mars mars-base-q$q marsd-base $((7100 + q)) $q "${BENCH_BASE_ARGS:-}")
     waitdev "$dev" || { echo "BENCH-ERROR mars-base-q$q device missing"; exit 1; }
     devices="$devices mars-base-q$q=$dev" mars_labels="$mars_labels mars-base-q$q"
   fi
