@@ -817,19 +817,21 @@ fn stage(shared: &Shared, req: LogReq) -> Option<Staged> {
 /// syncs the log, which a ublk queue thread must not wait for). Returns
 /// what it did not append, for the logger thread.
 fn append_here(shared: &Shared, reqs: Vec<LogReq>) -> Vec<LogReq> {
-    if !reqs.iter().all(|r| matches!(r, LogReq::Write { .. })) {
+    // A write's quota is the log bytes of its records; `None` if any
+    // request is not a write.
+    let bytes: Option<u64> = reqs
+        .iter()
+        .map(|r| match r {
+            LogReq::Write { quota, .. } => Some(*quota),
+            _ => None,
+        })
+        .sum();
+    let Some(bytes) = bytes else {
         return reqs;
-    }
+    };
     let Ok(mut tail) = shared.tail.try_lock() else {
         return reqs;
     };
-    let bytes: u64 = reqs
-        .iter()
-        .map(|r| match r {
-            LogReq::Write { quota, .. } => *quota,
-            _ => 0,
-        })
-        .sum();
     if tail.ended || needs_rotation(shared, &tail.appender, bytes) {
         return reqs;
     }

@@ -167,10 +167,10 @@ while [ "$r" -le "$ROUNDS" ]; do
 done
 
 # BENCH_PERF=1: where each mars-qN device's marsd spends its CPU in 4 KiB
-# random writes and reads and 1 MiB sequential writes (BENCH_PERF_WORKLOADS,
-# default "randwrite randread seqwrite") (perf sampling 6 s in the middle of a 10 s fio
-# run; perf slows the run, so its IOPS are not figures), per thread and
-# per thread and function, as NOTE lines.
+# random writes and reads and 1 MiB sequential writes
+# (BENCH_PERF_WORKLOADS, default "randwrite randread seqwrite"), per thread
+# and per thread and function, as NOTE lines. perf samples 6 s in the
+# middle of a 10 s run; it slows the run, so no figures come from it.
 if [ "${BENCH_PERF:-0}" = 1 ] && command -v perf >/dev/null; then
   for d in $devices; do
     p_l=${d%%=*}
