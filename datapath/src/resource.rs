@@ -606,8 +606,9 @@ impl Resource {
     }
 
     /// Sets where log deletion must stop for the other replicas: the
-    /// lowest position any of them (or a pending full sync) still needs.
-    pub(crate) fn set_delete_floor(&self, replicas_need: Option<u64>) {
+    /// lowest position any of them (or a pending full sync) still needs
+    /// (`None`: none does). Until it is first set, nothing is deleted.
+    pub fn set_delete_floor(&self, replicas_need: Option<u64>) {
         let mut pins = self.pins.lock().expect("pins lock");
         pins.retain(|(_, _, t)| t.elapsed() < PIN_TIME);
         let floor = pins

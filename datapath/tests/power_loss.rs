@@ -289,6 +289,11 @@ fn write_loop(
         keep_logs,
         role_changes,
     } = opts;
+    if !keep_logs {
+        // No other replica needs the log: what is written back may go
+        // (and its logfiles be reused).
+        res.set_delete_floor(None);
+    }
     let mut h = res.open().expect("open");
     let mut next_id = 1u64;
     while !stop.load(Ordering::Relaxed) {

@@ -1,6 +1,11 @@
 //! Iterating the records of one logfile, and deciding where the valid part
 //! ends: a torn tail (cut off by recovery) or corruption in the middle
 //! (replay stops with an error; garbage is never applied).
+//!
+//! A logfile may be a reused one (see `store.rs`): past its records lie
+//! the bytes of the older logfile it was, records with lower sequence
+//! numbers among them. They end the file's records like a torn tail does,
+//! and they never vouch for anything (see [`RecordReader::synced_past`]).
 
 use std::sync::Arc;
 
@@ -31,7 +36,13 @@ const WINDOW: usize = 1 << 20;
 /// Reads records of one logfile in order, starting at a file offset.
 pub struct RecordReader {
     file: Arc<dyn File>,
+    /// Where reading stops: the file's size, or less where the caller
+    /// knows where the records end ([`Self::up_to`]).
     file_len: u64,
+    /// The file header as it was when reading began: a reader that finds
+    /// another one after a read was reading a logfile that was deleted
+    /// and reused meanwhile, and what it read is not this file's.
+    header: [u8; FILE_HEADER_LEN],
     /// Storage for a window of the file; `buf[..filled]` holds file data.
     buf: Vec<u8>,
     filled: usize,
@@ -55,9 +66,12 @@ impl RecordReader {
         expected_seq: Option<u64>,
     ) -> std::io::Result<Self> {
         let file_len = file.size()?;
+        let mut header = [0u8; FILE_HEADER_LEN];
+        file.read_exact_or_zero(&mut header, 0)?;
         Ok(Self {
             file,
             file_len,
+            header,
             buf: Vec::new(),
             filled: 0,
             buf_off: offset,
@@ -75,6 +89,19 @@ impl RecordReader {
     pub fn copied(mut self) -> Self {
         self.own_claims = false;
         self
+    }
+
+    /// Reads no further than file offset `end`: where the caller knows the
+    /// records end (a reused logfile holds older bytes past them, and a
+    /// file being appended to may hold part of a record there).
+    pub fn up_to(mut self, end: u64) -> Self {
+        self.file_len = self.file_len.min(end);
+        self
+    }
+
+    /// The file header as it was when reading began.
+    pub fn file_header(&self) -> &[u8; FILE_HEADER_LEN] {
+        &self.header
     }
 
     /// File offset just past the last record returned (the valid end so far).
@@ -118,10 +145,28 @@ impl RecordReader {
                 }
                 self.filled += r;
             }
+            self.check_identity()?;
         }
         let start = (self.pos - self.buf_off) as usize;
         let end = (start + n).min(self.filled);
         Ok(&self.buf[start..end])
+    }
+
+    /// Fails if the file no longer has the header it had when reading
+    /// began: it was deleted and reused as a new logfile (whose header is
+    /// written before any of its records), so what was just read may be
+    /// the new file's records. Like reading a deleted file, that is an
+    /// error of this read (`NotFound`), never records of another file.
+    fn check_identity(&self) -> std::io::Result<()> {
+        let mut now = [0u8; FILE_HEADER_LEN];
+        self.file.read_exact_or_zero(&mut now, 0)?;
+        if now != self.header {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the logfile was deleted and reused while it was read",
+            ));
+        }
+        Ok(())
     }
 
     /// The next valid record and its file offset, or `None` at the end (see [`Self::stop`]).
@@ -148,6 +193,15 @@ impl RecordReader {
             Err(e) => return self.stop_at(e).map(|_| None),
         };
         match format::verify_record(self.fill(need)?) {
+            Ok((header, _)) if self.expected_seq.is_some_and(|exp| header.seq < exp) => {
+                // A record of an earlier logfile: the rest of a reused one.
+                let what = format!(
+                    "record {} of an earlier logfile where record {} was expected (the unwritten rest of a reused logfile)",
+                    header.seq,
+                    self.expected_seq.unwrap_or_default()
+                );
+                self.stop_at(DecodeError::Corrupt(what)).map(|_| None)
+            }
             Ok((header, used)) => {
                 if let Some(exp) = self.expected_seq
                     && header.seq != exp
@@ -186,7 +240,9 @@ impl RecordReader {
     /// loss may tear in any order (later records surviving earlier ones):
     /// a torn tail. (A record of a log older than the `unsynced` field
     /// holds 0 there, so any valid record after damage makes it corruption,
-    /// as before.)
+    /// as before.) Records with lower sequence numbers than the one
+    /// expected at `at` are an older logfile's, left in a reused one: what
+    /// they claim is about that file.
     fn synced_past(&self, at: u64) -> std::io::Result<bool> {
         if !self.own_claims {
             return Ok(false);
@@ -203,6 +259,7 @@ impl RecordReader {
                 if chunk[i..i + 8] == magic {
                     let cand = off + i as u64;
                     if let Some(h) = self.valid_header_at(cand)?
+                        && self.expected_seq.is_none_or(|exp| h.seq >= exp)
                         && cand.saturating_sub(h.unsynced as u64) > at
                     {
                         return Ok(true);
