@@ -66,6 +66,10 @@ const DURABLE_FILE: &str = "durable.json";
 /// costs up to a logfile of space that the log quota does not count).
 pub const SPARE_FILE: &str = "spare-logfile";
 
+/// A logfile is kept as the spare only while the file system has this
+/// many times its size free.
+const SPARE_ROOM: u64 = 8;
+
 /// The content of [`DURABLE_FILE`].
 #[derive(serde::Serialize, serde::Deserialize)]
 struct DurableFloor {
@@ -637,9 +641,13 @@ impl LogStore {
         let mut keep = if self.storage.exists(&spare) {
             None
         } else {
+            // The spare is space the log quota does not count: keep one
+            // only while the file system has room to spare.
+            let room = self.storage.available_space(&self.dir).unwrap_or(0);
             doomed
                 .iter()
                 .max_by_key(|f| f.end_pos - f.header.start_pos)
+                .filter(|f| room / SPARE_ROOM >= f.end_pos - f.header.start_pos)
                 .map(|f| f.file_seq)
         };
         let mut freed = 0;
@@ -1944,6 +1952,35 @@ pub(super) mod tests {
         drop(app);
         let (seqs, _) = records_of(tmp.path());
         assert_eq!(seqs, (43..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_deleted_logfile_is_kept_as_the_spare_only_while_space_is_plenty() {
+        let disk = crate::storage::sim::SimStorage::new(7);
+        let dir = Path::new("/log");
+        disk.mkdir_durable(dir);
+        let storage: Arc<dyn Storage> = Arc::new(disk.clone());
+        let (store, _) = LogStore::open(Arc::clone(&storage), dir).unwrap();
+        let mut app = store.create_file("n1", FileHeader::first(1)).unwrap();
+        append_records(&store, &mut app, 1..11, 10_000);
+        app = rotate(&store, &app);
+        append_records(&store, &mut app, 11..12, 10);
+        // Free: less than 8 times the file to delete.
+        disk.set_capacity(Some(store.bytes() + 64 * 3 + 500_000));
+        store.delete_before(app.start_pos()).unwrap();
+        assert!(
+            !storage.exists(&dir.join(SPARE_FILE)),
+            "no spare when space is short"
+        );
+        disk.set_capacity(None);
+        app = rotate(&store, &app);
+        append_records(&store, &mut app, 12..22, 10_000);
+        app = rotate(&store, &app);
+        store.delete_before(app.start_pos()).unwrap();
+        assert!(
+            storage.exists(&dir.join(SPARE_FILE)),
+            "a spare when space is plenty"
+        );
     }
 
     #[test]
