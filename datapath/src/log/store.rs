@@ -581,23 +581,14 @@ impl LogStore {
     /// left listed but gone made every later resume or cut fail for ever
     /// (sim_cluster seeds 4235811102720142503, 1795293344335549936). A
     /// file already gone (an earlier try that failed further on) counts
-    /// as removed. Returns the bytes of records it held.
-    fn remove_logfile(&self, f: &LogFileInfo) -> Result<u64> {
-        match self.storage.remove_file(&f.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&f.path)(e)),
-        }
-        self.files
-            .lock()
-            .expect("log store lock")
-            .retain(|l| l.file_seq != f.file_seq);
-        Ok(f.end_pos - f.header.start_pos)
-    }
-
-    /// [`Self::remove_logfile`], but the file is renamed to the spare.
-    fn keep_as_spare(&self, f: &LogFileInfo, spare: &Path) -> Result<u64> {
-        match self.storage.rename(&f.path, spare) {
+    /// as removed. `spare`: the file is renamed to it instead (kept for
+    /// reuse). Returns the bytes of records it held.
+    fn remove_logfile(&self, f: &LogFileInfo, spare: Option<&Path>) -> Result<u64> {
+        let removed = match spare {
+            Some(spare) => self.storage.rename(&f.path, spare),
+            None => self.storage.remove_file(&f.path),
+        };
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&f.path)(e)),
@@ -652,14 +643,12 @@ impl LogStore {
         };
         let mut freed = 0;
         for f in &doomed {
-            if keep == Some(f.file_seq) {
+            let as_spare = keep == Some(f.file_seq);
+            if as_spare {
                 keep = None;
-                freed += self.keep_as_spare(f, &spare)?;
-                tracing::info!(file = %f.path.display(), end = f.end_pos, "deleted logfile, kept as the spare");
-                continue;
             }
-            freed += self.remove_logfile(f)?;
-            tracing::info!(file = %f.path.display(), end = f.end_pos, "deleted logfile");
+            freed += self.remove_logfile(f, as_spare.then_some(spare.as_path()))?;
+            tracing::info!(file = %f.path.display(), end = f.end_pos, spare = as_spare, "deleted logfile");
         }
         if !doomed.is_empty() {
             self.storage
@@ -767,7 +756,7 @@ impl LogStore {
                 break;
             }
             if f.header.start_pos >= pos {
-                freed += self.remove_logfile(f)?;
+                freed += self.remove_logfile(f, None)?;
                 tracing::warn!(file = %f.path.display(), pos, "cutting the log back: deleted logfile");
             } else {
                 let file = self
