@@ -564,13 +564,6 @@ fn serve_queue<B: BlockIo>(
 pub(crate) struct Kick {
     efd: OwnedFd,
     pending: AtomicBool,
-    /// The queue thread (the one that made it). A wakeup on that thread
-    /// needs no eventfd: it comes from a task it is running or from the
-    /// writes it appends when a pass ends (`serve_queue`'s `run_ops`), or
-    /// from its completions, and `run_ops` runs the executor again before
-    /// the thread waits; the write and the read that would end that wait
-    /// at once cost two system calls and a pass per append.
-    owner: std::thread::ThreadId,
 }
 
 impl Kick {
@@ -584,12 +577,11 @@ impl Kick {
             // SAFETY: efd is a fresh descriptor owned from here on.
             efd: unsafe { OwnedFd::from_raw_fd(efd) },
             pending: AtomicBool::new(false),
-            owner: std::thread::current().id(),
         })
     }
 
     fn kick(self: &Arc<Self>) {
-        if std::thread::current().id() == self.owner || self.pending.swap(true, Ordering::AcqRel) {
+        if self.pending.swap(true, Ordering::AcqRel) {
             return;
         }
         // Inside `hold_kicks`, the write waits for its end (`pending` keeps
@@ -928,26 +920,6 @@ mod tests {
             .expect("sender thread");
         assert_eq!(drain(&kick), 1);
         assert!(f.as_mut().poll(&mut cx).is_ready());
-    }
-
-    #[test]
-    fn a_wakeup_on_the_queue_thread_itself_writes_no_eventfd() {
-        let kick = Arc::new(Kick::new().expect("eventfd"));
-        let task = Arc::new(CountingTask(Default::default()));
-        let task_waker = Waker::from(Arc::clone(&task));
-        let mut cx = Context::from_waker(&task_waker);
-        let bridge = Bridge::new(Arc::clone(&kick));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut f = Box::pin(bridge.run(rx));
-        assert!(f.as_mut().poll(&mut cx).is_pending());
-        tx.send(7).expect("receiver alive");
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task is woken");
-        assert_eq!(drain(&kick), 0, "no eventfd write from its own thread");
-        assert!(!kick.pending.load(Ordering::SeqCst));
-        assert!(matches!(
-            f.as_mut().poll(&mut cx),
-            std::task::Poll::Ready(Ok(7))
-        ));
     }
 
     #[test]
