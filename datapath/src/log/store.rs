@@ -37,6 +37,18 @@ pub struct LogFileInfo {
     pub end_seq: u64,
 }
 
+impl LogFileInfo {
+    /// The file offset of log position `pos` (which lies in this file).
+    pub fn offset_of(&self, pos: u64) -> u64 {
+        pos - self.header.start_pos + FIRST_RECORD
+    }
+
+    /// Bytes of records it holds.
+    pub fn record_bytes(&self) -> u64 {
+        self.end_pos - self.header.start_pos
+    }
+}
+
 /// What recovery found: where the log ends and what comes next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recovered {
@@ -289,9 +301,9 @@ impl LogStore {
             let start = if f.header.start_pos >= from {
                 0
             } else {
-                from - f.header.start_pos + FIRST_RECORD
+                f.offset_of(from)
             };
-            let end = f.end_pos - f.header.start_pos + FIRST_RECORD;
+            let end = f.offset_of(f.end_pos);
             let file = self
                 .storage
                 .open(&f.path, OpenMode::ReadWrite)
@@ -359,10 +371,7 @@ impl LogStore {
 
     /// Bytes of records in the logfiles (what the log quota counts).
     pub fn bytes(&self) -> u64 {
-        self.files()
-            .iter()
-            .map(|f| f.end_pos - f.header.start_pos)
-            .sum()
+        self.files().iter().map(LogFileInfo::record_bytes).sum()
     }
 
     /// Position of the oldest record still in the log.
@@ -490,7 +499,7 @@ impl LogStore {
         let Some(f) = f else {
             return Ok(());
         };
-        let end = f.end_pos - f.header.start_pos + FIRST_RECORD;
+        let end = f.offset_of(f.end_pos);
         let file = self
             .storage
             .open(&f.path, OpenMode::ReadWrite)
@@ -597,7 +606,7 @@ impl LogStore {
             .lock()
             .expect("log store lock")
             .retain(|l| l.file_seq != f.file_seq);
-        Ok(f.end_pos - f.header.start_pos)
+        Ok(f.record_bytes())
     }
 
     /// Removes the spare logfile: the log is about to go back to a lower
@@ -629,7 +638,7 @@ impl LogStore {
         };
         let spare = self.dir.join(SPARE_FILE);
         let _spare = self.spare.lock().expect("spare lock");
-        let mut keep = if self.storage.exists(&spare) {
+        let keep = if self.storage.exists(&spare) {
             None
         } else {
             // The spare is space the log quota does not count: keep one
@@ -637,16 +646,13 @@ impl LogStore {
             let room = self.storage.available_space(&self.dir).unwrap_or(0);
             doomed
                 .iter()
-                .max_by_key(|f| f.end_pos - f.header.start_pos)
-                .filter(|f| room / SPARE_ROOM >= f.end_pos - f.header.start_pos)
+                .max_by_key(|f| f.record_bytes())
+                .filter(|f| room / SPARE_ROOM >= f.record_bytes())
                 .map(|f| f.file_seq)
         };
         let mut freed = 0;
         for f in &doomed {
             let as_spare = keep == Some(f.file_seq);
-            if as_spare {
-                keep = None;
-            }
             freed += self.remove_logfile(f, as_spare.then_some(spare.as_path()))?;
             tracing::info!(file = %f.path.display(), end = f.end_pos, spare = as_spare, "deleted logfile");
         }
@@ -731,7 +737,7 @@ impl LogStore {
             // a damaged read, never an answer.
             _ => Err(Error::Corruption {
                 path: f.path.clone(),
-                offset: read.end - f.header.start_pos + FIRST_RECORD,
+                offset: f.offset_of(read.end),
                 what: format!(
                     "records read only up to log position {}, short of {pos}",
                     read.end
@@ -772,14 +778,13 @@ impl LogStore {
                 if kept_end != pos {
                     return Err(Error::Corruption {
                         path: f.path.clone(),
-                        offset: kept_end - f.header.start_pos + FIRST_RECORD,
+                        offset: f.offset_of(kept_end),
                         what: format!(
                             "records read only up to log position {kept_end}, short of the cut at {pos}; not cut"
                         ),
                     });
                 }
-                file.set_len(pos - f.header.start_pos + FIRST_RECORD)
-                    .map_err(Error::io(&f.path))?;
+                file.set_len(f.offset_of(pos)).map_err(Error::io(&f.path))?;
                 file.sync_data().map_err(Error::io(&f.path))?;
                 freed += f.end_pos - pos;
                 tracing::warn!(file = %f.path.display(), pos, "cutting the log back: truncated logfile");
@@ -842,7 +847,7 @@ impl LogStore {
             self.storage
                 .remove_file(&f.path)
                 .map_err(Error::io(&f.path))?;
-            freed += f.end_pos - f.header.start_pos;
+            freed += f.record_bytes();
         }
         self.storage
             .sync_dir(&self.dir)
@@ -949,7 +954,7 @@ struct RecordsUpTo {
 fn records_up_to(f: &LogFileInfo, file: Arc<dyn File>, pos: u64) -> Result<RecordsUpTo> {
     let mut reader = RecordReader::new(file, FIRST_RECORD, Some(f.header.first_seq))
         .map_err(Error::io(&f.path))?
-        .up_to(f.end_pos - f.header.start_pos + FIRST_RECORD);
+        .up_to(f.offset_of(f.end_pos));
     let mut read = RecordsUpTo {
         end: f.header.start_pos,
         next_seq: f.header.first_seq,
@@ -1132,8 +1137,8 @@ impl LogCursor {
                     .storage
                     .open(&f.path, OpenMode::Read)
                     .map_err(Error::io(&f.path))?;
-                let off = self.pos - f.header.start_pos + FIRST_RECORD;
-                let end = f.end_pos - f.header.start_pos + FIRST_RECORD;
+                let off = f.offset_of(self.pos);
+                let end = f.offset_of(f.end_pos);
                 let reader = RecordReader::new(file, off, None)
                     .map_err(Error::io(&f.path))?
                     .up_to(end);
@@ -2091,7 +2096,7 @@ pub(super) mod tests {
             for f in &files[..files.len() - 1] {
                 prop_assert_eq!(
                     std::fs::metadata(&f.path).unwrap().len(),
-                    f.end_pos - f.header.start_pos + FIRST_RECORD,
+                    f.offset_of(f.end_pos),
                     "{} ends at its records", f.path.display()
                 );
             }
