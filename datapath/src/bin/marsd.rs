@@ -133,13 +133,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run(args)) {
+    let code = match rt.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("marsd: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    // `run` has stopped what must stop (logs synced, devices handed back);
+    // the process ends here with the runtime as it is. Tearing the runtime
+    // down would race its own workers: one coming back from
+    // `block_in_place` runs tasks again after the timer has shut down, and
+    // the first timer it polls panics ("A Tokio 1.x context was found, but
+    // it is being shutdown"; seen in chaos seed 13 after a SIGTERM).
+    std::mem::forget(rt);
+    code
 }
 
 async fn run(args: Args) -> Result<()> {
